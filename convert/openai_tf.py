@@ -1,0 +1,110 @@
+"""OpenAI's TensorFlow GPT-2 checkpoints -> gpt2jax, with no TensorFlow.
+
+An OpenAI model directory holds ``checkpoint``, ``hparams.json``, ``model.ckpt.index``,
+``model.ckpt.data-00000-of-00001``, ``model.ckpt.meta``, ``encoder.json`` and ``vocab.bpe``.
+The tensors are read straight from the tensor bundle (:mod:`gpt2jax.convert.tf_bundle`), one at
+a time and CRC-checked, and placed by the table in :mod:`gpt2jax.convert.mapping`.
+
+Run as a script from a checkout::
+
+    python convert/openai_tf.py models/124M ckpt/124M
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+import numpy as np
+
+from gpt2jax.config import GPT2Config, read_json
+from gpt2jax.convert import mapping
+from gpt2jax.convert.tf_bundle import BundleReader
+from gpt2jax.errors import CheckpointError
+from gpt2jax.progress import progress_bar
+
+
+def checkpoint_prefix(path: str) -> str:
+    """The tensor-bundle prefix of an OpenAI directory: from its ``checkpoint`` file, else
+    ``model.ckpt``, else the only ``*.index`` file there."""
+    state = os.path.join(path, "checkpoint")
+    if os.path.exists(state):
+        with open(state, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model_checkpoint_path":
+                    name = os.path.basename(value.strip().strip('"'))
+                    if os.path.exists(os.path.join(path, name + ".index")):
+                        return os.path.join(path, name)
+    if os.path.exists(os.path.join(path, "model.ckpt.index")):
+        return os.path.join(path, "model.ckpt")
+    indexes = sorted(f for f in os.listdir(path) if f.endswith(".index"))
+    if len(indexes) == 1:
+        return os.path.join(path, indexes[0][: -len(".index")])
+    raise CheckpointError(
+        f"{path}: no TensorFlow checkpoint (expected model.ckpt.index and model.ckpt.data-*)"
+    )
+
+
+def read_openai_dir(
+    path: str | os.PathLike, dtype: Any = np.float32, show_progress: bool = False
+) -> tuple[GPT2Config, dict]:
+    """Reads an OpenAI GPT-2 checkpoint directory into ``(config, params)`` (numpy, ``dtype``).
+
+    Every tensor's name and shape is checked against ``hparams.json`` before anything is read,
+    and every tensor's CRC32C as it is read.
+    """
+    path = os.fspath(path)
+    hparams_path = os.path.join(path, "hparams.json")
+    if not os.path.exists(hparams_path):
+        raise CheckpointError(
+            f"{hparams_path}: file not found (every OpenAI model directory has one)"
+        )
+    config = GPT2Config.from_hparams(read_json(hparams_path), source=hparams_path)
+    prefix = checkpoint_prefix(path)
+    with BundleReader(prefix) as reader:
+        source = f"{prefix}.index"
+        names = set(reader.names())
+        # OpenAI's checkpoints hold exactly the model's variables; fail clearly on others.
+        mapping.check_names(names, config, "openai", source)
+        shapes = {n: reader.shape(n) for n in names}
+        mapping.check_shapes(shapes, config, "openai", source, hparams_path)
+        total = sum(int(np.prod(s)) * reader.dtype(n).itemsize for n, s in shapes.items())
+        with progress_bar(total, "converting", unit="B", enabled=show_progress) as bar:
+            params = mapping.from_theirs(reader.read, config, "openai", dtype, bar.update)
+    return config, params
+
+
+def convert_openai_dir(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    *,
+    dtype: Any = np.float32,
+    overwrite: bool = False,
+    show_progress: bool = False,
+) -> GPT2Config:
+    """Converts an OpenAI checkpoint directory into a gpt2jax model directory at ``dst``."""
+    from gpt2jax.checkpoint import save_model_dir
+
+    config, params = read_openai_dir(src, dtype=dtype, show_progress=show_progress)
+    save_model_dir(
+        dst,
+        config,
+        params,
+        tokenizer_dir=src,
+        source={"format": "openai-tf", "path": os.path.abspath(os.fspath(src))},
+        overwrite=overwrite,
+    )
+    return config
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python convert/openai_tf.py SRC DST``: the same as ``gpt2jax convert SRC DST``."""
+    from gpt2jax.cli import main as cli_main
+
+    return cli_main(["convert", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

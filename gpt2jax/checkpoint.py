@@ -1,0 +1,199 @@
+"""gpt2jax model directories: what ``gpt2jax convert`` writes and :func:`gpt2jax.load` reads.
+
+Layout::
+
+    ckpt/124M/
+      config.json          {"format": "gpt2jax", "format_version": 1, "config": {...},
+                            "dtype": "float32", "num_params": ..., "source": {...}}
+      params/              the parameter tree, saved with orbax-checkpoint
+      encoder.json         the tokenizer files (copied from the source, when it had them)
+      vocab.bpe
+
+A directory is written under a temporary name and renamed into place at the end, so a failed
+or killed conversion never leaves a half-written model where a good one is expected.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gpt2jax.config import GPT2Config, read_json
+from gpt2jax.errors import CheckpointError, Gpt2JaxError
+
+FORMAT = "gpt2jax"
+FORMAT_VERSION = 1
+PARAMS_DIR = "params"
+TOKENIZER_FILES = ("encoder.json", "vocab.bpe")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def dtype_name(dtype: Any) -> str:
+    name = np.dtype(dtype).name
+    if name not in DTYPES:
+        raise Gpt2JaxError(f"unsupported parameter dtype {name}; use one of {', '.join(DTYPES)}")
+    return name
+
+
+def detect(path: str | os.PathLike) -> str:
+    """What kind of model directory ``path`` is: ``gpt2jax``, ``openai``, ``hf`` or ``run``.
+
+    Raises a clear error when it is none of them.
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path}: no such file or directory")
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path}: is a file, expected a model directory")
+    cfg = os.path.join(path, "config.json")
+    if os.path.exists(cfg):
+        data = read_json(cfg)
+        if data.get("format") == FORMAT:
+            return "gpt2jax"
+        if "model_type" in data:
+            return "hf"
+    if os.path.exists(os.path.join(path, "run.json")):
+        return "run"
+    if os.path.exists(os.path.join(path, "hparams.json")) or any(
+        f.endswith(".index") for f in os.listdir(path)
+    ):
+        return "openai"
+    raise CheckpointError(
+        f"{path}: not a model directory (no gpt2jax config.json, OpenAI hparams.json + "
+        "model.ckpt.index, Hugging Face config.json, or training run.json)"
+    )
+
+
+def save_model_dir(
+    path: str | os.PathLike,
+    config: GPT2Config,
+    params: Any,
+    *,
+    tokenizer_dir: str | os.PathLike | None = None,
+    source: dict[str, Any] | None = None,
+    dtype: Any = None,
+    overwrite: bool = False,
+) -> None:
+    """Writes a model directory atomically. ``params`` may hold numpy or jax arrays.
+
+    ``dtype`` casts the parameters (default: keep their dtype). Tokenizer files are copied from
+    ``tokenizer_dir`` when it has them.
+    """
+    import orbax.checkpoint as ocp
+
+    path = os.path.abspath(os.fspath(path))
+    if os.path.exists(path) and not overwrite and (not os.path.isdir(path) or os.listdir(path)):
+        raise Gpt2JaxError(f"{path}: already exists (pass overwrite / --force to replace it)")
+    parent = os.path.dirname(path)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+    except OSError as e:
+        raise Gpt2JaxError(f"{parent}: cannot write here ({e.strerror})") from None
+    try:
+        if dtype is not None:
+            params = jax.tree.map(lambda x: np.asarray(x).astype(dtype), params)
+        leaves = jax.tree.leaves(params)
+        names = {dtype_name(x.dtype) for x in leaves}
+        meta = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "config": config.to_dict(),
+            "dtype": names.pop() if len(names) == 1 else "mixed",
+            "num_params": int(sum(np.prod(x.shape) for x in leaves)),
+            "source": source or {},
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.save(os.path.join(tmp, PARAMS_DIR), params)
+        if tokenizer_dir is not None:
+            for name in TOKENIZER_FILES:
+                src = os.path.join(tokenizer_dir, name)
+                if os.path.exists(src):
+                    shutil.copyfile(src, os.path.join(tmp, name))
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(meta, f, indent=2)
+            f.write("\n")
+        if os.path.exists(path):
+            shutil.rmtree(path)
+        os.rename(tmp, path)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise Gpt2JaxError(f"{path}: writing the model failed ({e.strerror or e})") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def read_meta(path: str | os.PathLike) -> dict[str, Any]:
+    """The ``config.json`` of a gpt2jax model directory, validated."""
+    cfg_path = os.path.join(path, "config.json")
+    meta = read_json(cfg_path)
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f'{cfg_path}: not a gpt2jax model config (no "format": "gpt2jax")')
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{cfg_path}: format_version {meta.get('format_version')!r} is not supported "
+            f"(this gpt2jax reads version {FORMAT_VERSION})"
+        )
+    meta["config"] = GPT2Config.from_dict(meta.get("config"), source=cfg_path)
+    return meta
+
+
+def restore_params(
+    params_dir: str | os.PathLike,
+    config: GPT2Config,
+    dtype: Any = None,
+    sharding: Any = None,
+) -> Any:
+    """Restores an orbax params tree, checking it against ``config``.
+
+    ``dtype`` casts on restore (default: as stored). ``sharding`` is a pytree of shardings (or
+    one sharding for every leaf): the arrays are then restored straight onto devices; without it
+    they come back as numpy arrays in host memory.
+    """
+    import orbax.checkpoint as ocp
+
+    from gpt2jax.convert.mapping import flatten, our_shapes
+
+    params_dir = os.path.abspath(os.fspath(params_dir))
+    if not os.path.isdir(params_dir):
+        raise CheckpointError(f"{params_dir}: missing (the model directory has no params)")
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            stored = ckptr.metadata(params_dir).item_metadata.tree
+    except Exception as e:
+        raise CheckpointError(
+            f"{params_dir}: unreadable orbax checkpoint ({type(e).__name__})"
+        ) from None
+    expected = our_shapes(config)
+    found = {k: tuple(v.shape) for k, v in flatten(stored).items()}
+    if found != expected:
+        diff = sorted(k for k in set(found) | set(expected) if found.get(k) != expected.get(k))
+        raise CheckpointError(
+            f"{params_dir}: parameters do not match config.json (first mismatch: {diff[0]}: "
+            f"stored {found.get(diff[0])}, expected {expected.get(diff[0])})"
+        )
+
+    def target(meta, shard):
+        return jax.ShapeDtypeStruct(meta.shape, dtype or meta.dtype, sharding=shard)
+
+    if sharding is None or not isinstance(sharding, dict):
+        abstract = jax.tree.map(lambda m: target(m, sharding), stored)
+    else:
+        abstract = jax.tree.map(target, stored, sharding)
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            return ckptr.restore(params_dir, abstract)
+    except Exception as e:
+        raise CheckpointError(
+            f"{params_dir}: restoring the parameters failed ({type(e).__name__}: {e})"
+        ) from None

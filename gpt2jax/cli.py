@@ -1,0 +1,251 @@
+"""The ``gpt2jax`` command line (also ``python -m gpt2jax``).
+
+Each subcommand is a ``_add_<name>(subparsers)`` function that declares its flags and sets
+``func`` to a ``_cmd_<name>(args)`` that calls the library. Errors the user can fix arrive as
+:class:`~gpt2jax.errors.Gpt2JaxError` and are printed as one line (exit code 1); ``--debug``
+shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable
+
+from gpt2jax.errors import Gpt2JaxError
+
+DTYPE_CHOICES = ("float32", "bfloat16", "float16")
+
+
+def _add_convert(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "convert",
+        help="convert an OpenAI TF or Hugging Face directory into a gpt2jax model directory",
+        description="Convert a model directory into a gpt2jax model directory. SRC is an OpenAI "
+        "checkpoint directory (hparams.json, model.ckpt.*, encoder.json, vocab.bpe), read "
+        "without TensorFlow, every tensor CRC-checked; or a Hugging Face GPT-2 directory "
+        "(config.json + model.safetensors, sharded or not, or pytorch_model.bin, which is "
+        "read only with torch.load(weights_only=True)).",
+    )
+    p.add_argument("src", help="source directory, e.g. models/124M")
+    p.add_argument("dst", help="gpt2jax model directory to create, e.g. ckpt/124M")
+    p.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES, help="stored dtype")
+    p.add_argument("--force", action="store_true", help="replace DST if it already exists")
+    p.set_defaults(func=_cmd_convert)
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    import time
+
+    from gpt2jax.checkpoint import DTYPES, detect
+
+    kind = detect(args.src)
+    start = time.perf_counter()
+    if kind == "openai":
+        from gpt2jax.convert.openai_tf import convert_openai_dir
+
+        config = convert_openai_dir(
+            args.src, args.dst, dtype=DTYPES[args.dtype], overwrite=args.force, show_progress=True
+        )
+    elif kind == "hf":
+        from gpt2jax.convert.hf import convert_hf_dir
+
+        config = convert_hf_dir(
+            args.src, args.dst, dtype=DTYPES[args.dtype], overwrite=args.force, show_progress=True
+        )
+    else:
+        raise Gpt2JaxError(f"{args.src}: converting a {kind!r} directory is not supported")
+    print(
+        f"converted {args.src} -> {args.dst}: {config.num_params():,} parameters, "
+        f"{args.dtype}, {time.perf_counter() - start:.1f}s"
+    )
+    return 0
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export",
+        help="export a model to a Hugging Face / PyTorch directory (or OpenAI's TF format)",
+        description="Export MODEL (any directory gpt2jax loads) to OUT: by default a Hugging "
+        "Face directory that transformers' from_pretrained and AutoTokenizer load "
+        "(config.json, model.safetensors, tokenizer files); --format bin writes "
+        "pytorch_model.bin instead (needs torch); --format openai writes an OpenAI-style TF "
+        "checkpoint directory (no model.ckpt.meta) for OpenAI's code and gpt-2-simple.",
+    )
+    p.add_argument("model", help="model directory to export, e.g. ckpt/124M or runs/poems")
+    p.add_argument("out", help="directory to create, e.g. hf/poems")
+    p.add_argument(
+        "--format", default="safetensors", choices=("safetensors", "bin", "openai"), dest="fmt"
+    )
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=DTYPE_CHOICES,
+        help="stored dtype (the openai format is always float32)",
+    )
+    p.add_argument(
+        "--max-shard-size",
+        default="5GB",
+        help="split the weights into shards above this size, e.g. 5GB, 500MB, 2GiB (default 5GB)",
+    )
+    p.add_argument("--force", action="store_true", help="replace OUT if it is not empty")
+    p.set_defaults(func=_cmd_export)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    import time
+
+    from gpt2jax.pretrained import load
+
+    start = time.perf_counter()
+    if args.fmt == "openai" and args.dtype != "float32":
+        raise Gpt2JaxError("--format openai stores float32 (OpenAI's graph declares float32)")
+    model = load(args.model)
+    if args.fmt == "openai":
+        from gpt2jax.convert.openai_export import export_openai
+
+        files = export_openai(
+            model.params,
+            model.config,
+            args.out,
+            tokenizer_dir=args.model,
+            overwrite=args.force,
+            show_progress=True,
+        )
+    else:
+        from gpt2jax.convert.hf import export_hf
+
+        files = export_hf(
+            model.params,
+            model.config,
+            args.out,
+            dtype=args.dtype,
+            fmt=args.fmt,
+            tokenizer_dir=args.model,
+            max_shard_size=args.max_shard_size,
+            overwrite=args.force,
+            show_progress=True,
+        )
+    print(
+        f"exported {args.model} -> {args.out} ({args.fmt}, {args.dtype}): {len(files)} files, "
+        f"{_du(args.out) / 2**20:,.1f} MiB, {time.perf_counter() - start:.1f}s"
+    )
+    return 0
+
+
+def _add_info(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "info",
+        help="show a model directory's size, config, parameter count, dtype and source",
+        description="Describe a model directory (gpt2jax or OpenAI) without loading its weights.",
+    )
+    p.add_argument("path", help="model directory")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    p.set_defaults(func=_cmd_info)
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from gpt2jax.checkpoint import detect, read_meta
+    from gpt2jax.config import PRESETS, GPT2Config, read_json
+
+    kind = detect(args.path)
+    info: dict = {"path": os.path.abspath(args.path), "kind": kind}
+    if kind == "gpt2jax":
+        meta = read_meta(args.path)
+        config = meta["config"]
+        info.update(dtype=meta["dtype"], source=meta.get("source", {}), created=meta.get("created"))
+    elif kind == "openai":
+        hparams = os.path.join(args.path, "hparams.json")
+        config = GPT2Config.from_hparams(read_json(hparams), source=hparams)
+        info.update(dtype="float32", source={"format": "openai-tf"})
+    elif kind == "hf":
+        from gpt2jax.convert.hf import describe_hf_dir
+
+        hf = describe_hf_dir(args.path)
+        config = hf["config"]
+        info.update(dtype=hf["dtype"], source={"format": "hf", "weights": hf["files"]})
+    else:
+        raise Gpt2JaxError(f"{args.path}: 'info' does not read {kind!r} directories yet")
+    size = next((name for name, c in PRESETS.items() if c.to_hparams() == config.to_hparams()), None)
+    info.update(
+        size=size or "custom",
+        config=config.to_dict(),
+        num_params=config.num_params(),
+        disk_bytes=_du(args.path),
+        tokenizer=next(
+            (
+                f"{a} + {b}"
+                for a, b in (("encoder.json", "vocab.bpe"), ("vocab.json", "merges.txt"))
+                if os.path.exists(os.path.join(args.path, a))
+            ),
+            "tiktoken gpt2 (no files in the directory)",
+        ),
+    )
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    c = info["config"]
+    print(f"{info['path']}  ({kind} model directory)")
+    print(f"  size        {info['size']}")
+    print(f"  parameters  {info['num_params']:,}")
+    print(f"  dtype       {info['dtype']}")
+    print(
+        f"  config      n_layer={c['n_layer']} n_head={c['n_head']} n_embd={c['n_embd']} "
+        f"n_ctx={c['n_ctx']} n_vocab={c['n_vocab']}"
+    )
+    print(f"  on disk     {info['disk_bytes'] / 2**20:,.1f} MiB")
+    print(f"  tokenizer   {info['tokenizer']}")
+    if info.get("source"):
+        print(f"  source      {json.dumps(info['source'])}")
+    if info.get("created"):
+        print(f"  created     {info['created']}")
+    return 0
+
+
+def _du(path: str) -> int:
+    return sum(
+        os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path) for f in files
+    )
+
+
+#: Subcommands in the order ``--help`` lists them.
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _add_convert,
+    _add_export,
+    _add_info,
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gpt2jax",
+        description="GPT-2 in JAX: convert OpenAI checkpoints, fine-tune, generate, export.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in SUBCOMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``gpt2jax`` console script."""
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    debug = args.debug or os.environ.get("GPT2JAX_DEBUG") == "1"
+    try:
+        return args.func(args) or 0
+    except Gpt2JaxError as e:
+        if debug:
+            raise
+        print(f"gpt2jax {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"gpt2jax {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

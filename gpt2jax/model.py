@@ -1,0 +1,326 @@
+"""GPT-2 in Flax, exactly as OpenAI released it.
+
+Follows OpenAI's ``src/model.py`` (openai/gpt-2): learned token and position embeddings, pre-LN
+transformer blocks (LayerNorm with biased variance and epsilon 1e-5, causal multi-head attention,
+tanh-approximate GELU MLP), a final LayerNorm, and the LM head tied to ``wte``. Hugging Face's
+``GPT2LMHeadModel`` computes the same function; the tests check ours against it.
+
+Parameter tree (OpenAI's names, leaves ``g``/``b``/``w`` as in OpenAI's checkpoints)::
+
+    wte (V, C)   wpe (n_ctx, C)   ln_f/{g, b} (C,)
+    h/ln_1/{g, b}            (L, C)
+    h/attn/c_attn/{w, b}     (L, C, 3C), (L, 3C)
+    h/attn/c_proj/{w, b}     (L, C, C),  (L, C)
+    h/ln_2/{g, b}            (L, C)
+    h/mlp/c_fc/{w, b}        (L, C, 4C), (L, 4C)
+    h/mlp/c_proj/{w, b}      (L, 4C, C), (L, C)
+
+Design choices, measured (numbers in ``BENCHMARKS.md``):
+
+* **Layers are scanned** (``nn.scan``): the ``L`` blocks share one traced body, their parameters
+  are stacked on a leading axis. Compiling a training step of the 48-layer 1558M model takes a
+  few seconds this way instead of growing with the depth. ``scan_unroll`` unrolls the loop (up to
+  ``n_layer``, i.e. fully) where a backend runs the unrolled form faster, e.g. small-batch
+  decoding; the parameter tree is the same either way.
+* **Rematerialisation** is a per-block policy (``remat``): ``"none"`` keeps activations,
+  ``"block"`` keeps only each block's input and recomputes the rest in the backward pass,
+  ``"dots"`` keeps the matmul outputs and recomputes the cheap elementwise work.
+* **KV cache**: a :class:`KVCache` of shape ``(L, B, H, S, D)`` is passed in and returned, so
+  decoding is a pure function a ``lax.while_loop`` can carry. Keys and values for the new tokens
+  are written at ``cache_index``; queries attend to cache slots at or before their own slot and
+  allowed by ``mask`` (left padding of batched prompts is masked out there).
+* **Mixed precision**: parameters stay in whatever dtype they are stored in and are cast to the
+  compute ``dtype`` where they are used; LayerNorm statistics, attention softmax and logits are
+  computed in float32.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from gpt2jax.config import GPT2Config
+
+Array = jax.Array
+
+REMAT_POLICIES = ("none", "block", "dots")
+
+
+class KVCache(flax.struct.PyTreeNode):
+    """Keys and values of every layer for ``S`` cache slots: ``k``, ``v`` ``(L, B, H, S, D)``."""
+
+    k: Array
+    v: Array
+
+    @classmethod
+    def zeros(
+        cls, config: GPT2Config, batch: int, length: int, dtype: Any = jnp.float32
+    ) -> KVCache:
+        shape = (config.n_layer, batch, config.n_head, length, config.head_dim)
+        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
+
+
+class GPT2Output(flax.struct.PyTreeNode):
+    """What :meth:`GPT2.forward` returns.
+
+    ``logits``: ``(B, T, V)`` float32, or ``None`` with ``compute_logits=False``.
+    ``last_hidden``: ``(B, T, C)`` after the final LayerNorm (the LM head's input).
+    ``hidden_states``: with ``output_hidden_states=True``, a tuple of ``L + 1`` arrays ``(B, T, C)``
+    as Hugging Face returns them: the input of every block, then ``last_hidden``.
+    ``cache``: the updated :class:`KVCache` when one was passed in.
+    """
+
+    logits: Array | None
+    last_hidden: Array
+    hidden_states: tuple[Array, ...] | None = None
+    cache: KVCache | None = None
+
+
+class LayerNorm(nn.Module):
+    """OpenAI's ``norm``: biased variance, epsilon inside the square root, statistics in float32."""
+
+    epsilon: float
+    dtype: Any
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:  # (..., C)
+        c = x.shape[-1]
+        g = self.param("g", nn.initializers.ones, (c,), self.param_dtype)
+        b = self.param("b", nn.initializers.zeros, (c,), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        mean = x32.mean(-1, keepdims=True)
+        var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon)
+        return (y * g.astype(jnp.float32) + b.astype(jnp.float32)).astype(self.dtype)
+
+
+class Conv1D(nn.Module):
+    """OpenAI's ``conv1d``, a dense layer: ``w`` is ``(nx, nf)`` (OpenAI stores ``(1, nx, nf)``)."""
+
+    features: int
+    dtype: Any
+    param_dtype: Any
+    w_std: float = 0.02
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:  # (B, T, nx) -> (B, T, nf)
+        nx = x.shape[-1]
+        w = self.param(
+            "w", nn.initializers.normal(self.w_std), (nx, self.features), self.param_dtype
+        )
+        b = self.param("b", nn.initializers.zeros, (self.features,), self.param_dtype)
+        return jnp.dot(x, w.astype(self.dtype)) + b.astype(self.dtype)
+
+
+class Attention(nn.Module):
+    """Causal multi-head self-attention (``attn/c_attn``, ``attn/c_proj``), optionally cached."""
+
+    config: GPT2Config
+    dtype: Any
+    param_dtype: Any
+    deterministic: bool
+
+    @nn.compact
+    def __call__(
+        self,
+        x: Array,  # (B, T, C)
+        layer_cache: tuple[Array, Array] | None,  # k, v: (B, H, S, D)
+        mask: Array,  # (B, T, S) bool: which keys each query may attend to
+        cache_index: Array,  # () int32: cache slot of x[:, 0]
+    ) -> tuple[Array, tuple[Array, Array] | None]:
+        cfg = self.config
+        B, T, C = x.shape
+        H, D = cfg.n_head, cfg.head_dim
+        qkv = Conv1D(3 * C, self.dtype, self.param_dtype, name="c_attn")(x)  # (B, T, 3C)
+        # OpenAI splits c_attn's output into q, k, v in that order, then into heads.
+        q, k, v = (t.reshape(B, T, H, D).transpose(0, 2, 1, 3) for t in jnp.split(qkv, 3, -1))
+        if layer_cache is not None:
+            k_cache, v_cache = layer_cache
+            start = (0, 0, cache_index, 0)
+            k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), start)
+            v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), start)
+            layer_cache = (k, v)
+        k, v = k.astype(self.dtype), v.astype(self.dtype)  # (B, H, S, D)
+        scores = jnp.einsum("bhtd,bhsd->bhts", q, k, preferred_element_type=jnp.float32) / D**0.5
+        scores = jnp.where(mask[:, None], scores, -1e10)  # OpenAI masks with -1e10
+        probs = jax.nn.softmax(scores, axis=-1)  # (B, H, T, S) float32
+        probs = nn.Dropout(cfg.dropout, deterministic=self.deterministic)(probs)
+        y = jnp.einsum("bhts,bhsd->bhtd", probs.astype(self.dtype), v)
+        y = y.transpose(0, 2, 1, 3).reshape(B, T, C)
+        proj_std = 0.02 / (2 * cfg.n_layer) ** 0.5  # GPT-2 paper: residual projections scaled
+        return Conv1D(C, self.dtype, self.param_dtype, proj_std, name="c_proj")(y), layer_cache
+
+
+class MLP(nn.Module):
+    """``mlp/c_fc`` -> tanh GELU (Hugging Face's ``gelu_new``) -> ``mlp/c_proj``."""
+
+    config: GPT2Config
+    dtype: Any
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:  # (B, T, C)
+        C = x.shape[-1]
+        h = Conv1D(4 * C, self.dtype, self.param_dtype, name="c_fc")(x)
+        h = jax.nn.gelu(h, approximate=True)
+        proj_std = 0.02 / (2 * self.config.n_layer) ** 0.5
+        return Conv1D(C, self.dtype, self.param_dtype, proj_std, name="c_proj")(h)
+
+
+class Block(nn.Module):
+    """One pre-LN transformer block; scanned over layers by :class:`GPT2`.
+
+    Called as ``(x, layer_cache, mask, cache_index) -> (x, (layer_cache, x_in))`` so that
+    ``nn.scan`` carries ``x`` and stacks the per-layer caches and block inputs.
+    """
+
+    config: GPT2Config
+    dtype: Any
+    param_dtype: Any
+    deterministic: bool
+
+    @nn.compact
+    def __call__(
+        self,
+        x: Array,  # (B, T, C)
+        layer_cache: tuple[Array, Array] | None,
+        mask: Array,  # (B, T, S) bool
+        cache_index: Array,
+    ) -> tuple[Array, tuple[tuple[Array, Array] | None, Array]]:
+        cfg, dt, pdt = self.config, self.dtype, self.param_dtype
+        drop = nn.Dropout(cfg.dropout, deterministic=self.deterministic)
+        h = LayerNorm(cfg.layer_norm_epsilon, dt, pdt, name="ln_1")(x)
+        attn = Attention(cfg, dt, pdt, self.deterministic, name="attn")
+        y, layer_cache = attn(h, layer_cache, mask, cache_index)
+        x_in, x = x, x + drop(y)
+        h = LayerNorm(cfg.layer_norm_epsilon, dt, pdt, name="ln_2")(x)
+        x = x + drop(MLP(cfg, dt, pdt, name="mlp")(h))
+        return x, (layer_cache, x_in)
+
+
+class GPT2(nn.Module):
+    """GPT-2 language model over OpenAI's parameter tree.
+
+    ``GPT2(config).apply({"params": params}, ids)`` returns logits ``(B, T, V)``;
+    :meth:`forward` is the general entry point (hidden states, KV cache, padding masks).
+
+    Attributes:
+        config: the model's shape.
+        dtype: compute dtype (float32 or bfloat16); parameters are cast to it where used.
+        param_dtype: dtype of parameters created by ``init``.
+        remat: ``"none"``, ``"block"`` or ``"dots"`` (see the module docstring).
+        scan_unroll: how many layers each iteration of the layer scan runs (1 = fully scanned).
+    """
+
+    config: GPT2Config
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    remat: str = "none"
+    scan_unroll: int = 1
+
+    def __call__(self, ids: Array, *, deterministic: bool = True) -> Array:
+        """Logits ``(B, T, V)`` float32 for token ids ``(B, T)`` at positions ``0..T-1``."""
+        return self.forward(ids, deterministic=deterministic).logits
+
+    @nn.compact
+    def forward(
+        self,
+        ids: Array,  # (B, T) int
+        *,
+        positions: Array | None = None,  # (B, T) int; default: cache_index + arange(T)
+        mask: Array | None = None,  # (B, S) bool: keys that may be attended (padding False)
+        cache: KVCache | None = None,
+        cache_index: Array | int = 0,
+        deterministic: bool = True,
+        compute_logits: bool = True,
+        output_hidden_states: bool = False,
+    ) -> GPT2Output:
+        """The full forward pass.
+
+        Without a cache, queries attend causally to the ``T`` given tokens. With ``cache`` (of
+        ``S`` slots), the new keys/values are written at slots ``cache_index..cache_index+T-1`` and
+        each query attends to every slot at or before its own; ``mask`` then covers all ``S``
+        slots. Dropout (``config.dropout > 0``) runs when ``deterministic=False`` and needs a
+        ``"dropout"`` RNG.
+        """
+        cfg = self.config
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
+        B, T = ids.shape
+        cache_index = jnp.asarray(cache_index, jnp.int32)
+        if positions is None:
+            positions = jnp.broadcast_to(cache_index + jnp.arange(T, dtype=jnp.int32), (B, T))
+
+        wte = self.param(
+            "wte", nn.initializers.normal(0.02), (cfg.n_vocab, cfg.n_embd), self.param_dtype
+        )
+        wpe = self.param(
+            "wpe", nn.initializers.normal(0.01), (cfg.n_ctx, cfg.n_embd), self.param_dtype
+        )
+        x = (jnp.take(wte, ids, axis=0) + jnp.take(wpe, positions, axis=0)).astype(self.dtype)
+        x = nn.Dropout(cfg.dropout, deterministic=deterministic)(x)  # (B, T, C)
+
+        # Which keys each query may attend to: causal over slots, and the padding mask.
+        S = T if cache is None else cache.k.shape[3]
+        q_slot = cache_index + jnp.arange(T)
+        allowed = jnp.arange(S)[None, :] <= q_slot[:, None]  # (T, S)
+        allowed = jnp.broadcast_to(allowed, (B, T, S))
+        if mask is not None:
+            allowed = allowed & mask[:, None, :].astype(bool)
+
+        block = Block
+        if self.remat == "block":
+            block = nn.remat(Block, prevent_cse=False)
+        elif self.remat == "dots":
+            block = nn.remat(
+                Block,
+                prevent_cse=False,
+                policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+            )
+        stack = nn.scan(
+            block,
+            variable_axes={"params": 0},
+            split_rngs={"params": True, "dropout": True},
+            in_axes=(0, nn.broadcast, nn.broadcast),
+            length=cfg.n_layer,
+            unroll=self.scan_unroll,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )
+        layer_caches = None if cache is None else (cache.k, cache.v)
+        x, (layer_caches, block_inputs) = stack(
+            cfg, self.dtype, self.param_dtype, deterministic, name="h"
+        )(x, layer_caches, allowed, cache_index)
+
+        h = LayerNorm(cfg.layer_norm_epsilon, self.dtype, self.param_dtype, name="ln_f")(x)
+        logits = lm_head(wte, h) if compute_logits else None
+        hidden_states = None
+        if output_hidden_states:
+            hidden_states = (*(block_inputs[i] for i in range(cfg.n_layer)), h)
+        new_cache = None if cache is None else KVCache(k=layer_caches[0], v=layer_caches[1])
+        return GPT2Output(
+            logits=logits, last_hidden=h, hidden_states=hidden_states, cache=new_cache
+        )
+
+
+def lm_head(wte: Array, h: Array) -> Array:
+    """Float32 logits ``(..., V)`` of hidden states ``(..., C)``; the head is tied to ``wte``."""
+    return jnp.einsum("...c,vc->...v", h, wte.astype(h.dtype), preferred_element_type=jnp.float32)
+
+
+def init_params(config: GPT2Config, seed: int = 0, param_dtype: Any = jnp.float32) -> dict:
+    """Random parameters with GPT-2's initialisation (normal 0.02, residual projections scaled)."""
+    model = GPT2(config, param_dtype=param_dtype)
+    ids = jnp.zeros((1, 1), jnp.int32)
+    return jax.jit(model.init)(jax.random.PRNGKey(seed), ids)["params"]
+
+
+def param_shapes(config: GPT2Config) -> dict:
+    """The parameter tree as ``jax.ShapeDtypeStruct``s, computed without allocating anything."""
+    model = GPT2(config)
+    ids = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+    return jax.eval_shape(model.init, jax.random.PRNGKey(0), ids)["params"]

@@ -488,6 +488,20 @@ class _Shard:
         self.size = os.fstat(self.file.fileno()).st_size
         self.map = mmap.mmap(self.file.fileno(), 0, access=mmap.ACCESS_READ) if self.size else None
 
+    def release(self, start: int, end: int) -> None:
+        """Drops the mapped pages of bytes ``start..end`` from this process's resident set.
+
+        The tensor has been copied out; without this every page read stays resident in the
+        mapping, and converting a model would hold the checkpoint twice (mapping + arrays).
+        The pages stay in the OS page cache, so a re-read is still cheap.
+        """
+        if self.map is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        first = start - start % mmap.PAGESIZE
+        last = min(end, self.size)
+        if last > first:
+            self.map.madvise(mmap.MADV_DONTNEED, first, last - first)
+
     def close(self) -> None:
         if self.map is not None:
             try:
@@ -662,6 +676,7 @@ class BundleReader:
         if e.size:
             assert shard.map is not None
             raw[:] = np.frombuffer(shard.map, dtype=np.uint8, count=e.size, offset=e.offset)
+            shard.release(e.offset, end)
         # checksum the copy we return, so the bytes verified are the bytes handed out
         if verify and crc32c(raw) != unmask(e.crc32c):
             raise CheckpointError(

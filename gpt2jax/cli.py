@@ -14,6 +14,7 @@ import os
 import sys
 from collections.abc import Callable
 
+from gpt2jax.cli_train import add_eval, add_finetune
 from gpt2jax.errors import Gpt2JaxError
 
 DTYPE_CHOICES = ("float32", "bfloat16", "float16")
@@ -40,7 +41,9 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     import time
 
     from gpt2jax.checkpoint import DTYPES, detect
+    from gpt2jax.hub import resolve_model
 
+    args.src = resolve_model(args.src)  # a size name ("124M") means the download cache
     kind = detect(args.src)
     start = time.perf_counter()
     if kind == "openai":
@@ -77,7 +80,11 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", help="model directory to export, e.g. ckpt/124M or runs/poems")
     p.add_argument("out", help="directory to create, e.g. hf/poems")
     p.add_argument(
-        "--format", default="safetensors", choices=("safetensors", "bin", "openai"), dest="fmt"
+        "--format",
+        default="safetensors",
+        choices=("safetensors", "bin", "openai"),
+        dest="fmt",
+        help="model.safetensors (default), pytorch_model.bin, or an OpenAI TF checkpoint",
     )
     p.add_argument(
         "--dtype",
@@ -103,6 +110,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     if args.fmt == "openai" and args.dtype != "float32":
         raise Gpt2JaxError("--format openai stores float32 (OpenAI's graph declares float32)")
     model = load(args.model)
+    args.model = model.path  # a size name ("124M") resolved to its directory
     if args.fmt == "openai":
         from gpt2jax.convert.openai_export import export_openai
 
@@ -149,7 +157,9 @@ def _add_info(sub: argparse._SubParsersAction) -> None:
 def _cmd_info(args: argparse.Namespace) -> int:
     from gpt2jax.checkpoint import detect, read_meta
     from gpt2jax.config import PRESETS, GPT2Config, read_json
+    from gpt2jax.hub import resolve_model
 
+    args.path = resolve_model(args.path)  # a size name ("124M") means the download cache
     kind = detect(args.path)
     info: dict = {"path": os.path.abspath(args.path), "kind": kind}
     if kind == "gpt2jax":
@@ -168,7 +178,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
         info.update(dtype=hf["dtype"], source={"format": "hf", "weights": hf["files"]})
     else:
         raise Gpt2JaxError(f"{args.path}: 'info' does not read {kind!r} directories yet")
-    size = next((name for name, c in PRESETS.items() if c.to_hparams() == config.to_hparams()), None)
+    shape = config.to_hparams()
+    size = next((name for name, c in PRESETS.items() if c.to_hparams() == shape), None)
     info.update(
         size=size or "custom",
         config=config.to_dict(),
@@ -204,6 +215,39 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_download(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "download",
+        help="download OpenAI's GPT-2 checkpoints (124M, 355M, 774M, 1558M)",
+        description="Download OpenAI's checkpoint of each SIZE into DIR/SIZE (default "
+        "$GPT2JAX_CACHE/models, else ~/.cache/gpt2jax/models), where a size name then finds "
+        "it: `gpt2jax finetune 355M ...`. Resumes partial files, skips complete ones.",
+    )
+    p.add_argument("sizes", nargs="+", metavar="SIZE", help="124M, 355M, 774M or 1558M")
+    p.add_argument("--dir", help="folder the size directories go in")
+    p.add_argument(
+        "--base-url",
+        help="mirror serving BASE_URL/SIZE/FILE (default $GPT2JAX_BASE_URL, else OpenAI's)",
+    )
+    p.add_argument(
+        "--convert",
+        action="store_true",
+        help="also write a gpt2jax model directory SIZE-gpt2jax beside each (loads faster)",
+    )
+    p.set_defaults(func=_cmd_download)
+
+
+def _cmd_download(args: argparse.Namespace) -> int:
+    from gpt2jax.download import download
+    from gpt2jax.hub import convert_downloaded
+
+    for directory in download(args.sizes, dest=args.dir, base_url=args.base_url):
+        print(directory)
+        if args.convert:
+            print(convert_downloaded(directory))
+    return 0
+
+
 def _du(path: str) -> int:
     return sum(
         os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path) for f in files
@@ -215,6 +259,9 @@ SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_convert,
     _add_export,
     _add_info,
+    _add_download,
+    add_finetune,
+    add_eval,
 ]
 
 

@@ -20,6 +20,7 @@ import numpy as np
 from gpt2jax.checkpoint import detect, read_meta, restore_params
 from gpt2jax.config import GPT2Config
 from gpt2jax.errors import Gpt2JaxError
+from gpt2jax.hub import resolve_model
 from gpt2jax.model import GPT2
 from gpt2jax.tokenizer import Tokenizer
 
@@ -80,12 +81,13 @@ def load(
     """Loads a model directory (gpt2jax, OpenAI TF or Hugging Face), detected from its files.
 
     Args:
-        path: the directory.
+        path: the directory, or one of OpenAI's sizes ("124M", ...): its download cache,
+            downloaded on first use (see :func:`gpt2jax.hub.resolve_model`).
         dtype: parameter dtype to load into (default: as stored for gpt2jax directories,
             float32 for OpenAI and Hugging Face ones).
         compute_dtype: dtype :meth:`Pretrained.logits` computes in.
     """
-    path = os.fspath(path)
+    path = resolve_model(path)
     kind = detect(path)
     if kind == "gpt2jax":
         meta = read_meta(path)
@@ -104,6 +106,13 @@ def load(
         config, params = read_hf_dir(path, dtype=dtype or np.float32)
         source = {"format": "hf", "path": os.path.abspath(path)}
         hf_tokenizer = load_tokenizer(path)  # vocab.json + merges.txt, or tokenizer.json
+    elif kind == "run":
+        from gpt2jax.runs import latest_params, read_run
+
+        config, _ = read_run(path)
+        step, params_dir = latest_params(path)  # the newest checkpoint of a training run
+        params = restore_params(params_dir, config, dtype=dtype)
+        source = {"format": "gpt2jax-run", "path": os.path.abspath(path), "step": step}
     else:
         raise Gpt2JaxError(f"{path}: loading a {kind!r} directory is not supported yet")
     return Pretrained(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from gpt2jax.convert import crc32c as crc_module
 from gpt2jax.convert.crc32c import crc32c, crc32c_bytewise, crc32c_numpy, mask, unmask
 

@@ -18,9 +18,9 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 import pytest
+
 from gpt2jax.convert import tf_bundle
 from gpt2jax.convert.tf_bundle import BundleReader, data_filename, write_bundle
-
 from gpt2jax.errors import CheckpointError
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"

@@ -87,10 +87,15 @@ def check_names(names: set[str], config: GPT2Config, fmt: str, source: str) -> N
     missing, extra = sorted(expected - names), sorted(names - expected)
     if missing or extra:
         parts = []
+        # repr(): a hostile tensor name with a newline must not break the one-line error
         if missing:
-            parts.append(f"missing {len(missing)} tensors (e.g. {', '.join(missing[:3])})")
+            parts.append(
+                f"missing {len(missing)} tensors (e.g. {', '.join(map(repr, missing[:3]))})"
+            )
         if extra:
-            parts.append(f"unexpected {len(extra)} tensors (e.g. {', '.join(extra[:3])})")
+            parts.append(
+                f"unexpected {len(extra)} tensors (e.g. {', '.join(map(repr, extra[:3]))})"
+            )
         raise CheckpointError(
             f"{source}: does not match a GPT-2 with n_layer={config.n_layer}: {'; '.join(parts)}"
         )

@@ -150,7 +150,7 @@ def _parse_header(
 
     try:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=no_duplicates)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+    except (ValueError, RecursionError) as e:  # ValueError: also ints past 4300 digits
         raise CheckpointError(f"{path}: header is not valid UTF-8 JSON ({e})") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: header is not a JSON object")
@@ -172,6 +172,9 @@ def _parse_header(
         shape, offsets = info["shape"], info["data_offsets"]
         if not (isinstance(shape, list) and all(_is_uint(d) for d in shape)):
             raise CheckpointError(f"{where}: shape {shape!r} is not a list of sizes")
+        if math.prod(d for d in shape if d) * dtype.itemsize >= 1 << 63:
+            # numpy cannot make such an array even when a zero dimension leaves it empty
+            raise CheckpointError(f"{where}: shape {shape} is too large")
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_uint, offsets))):
             raise CheckpointError(f"{where}: data_offsets {offsets!r} is not [begin, end]")
         begin, end = offsets

@@ -660,6 +660,12 @@ class BundleReader:
                 f"unsupported: tensor {name!r} in {self.index_path} is a partitioned variable"
             )
         nbytes = math.prod(e.shape) * dtype.itemsize  # Python ints: no overflow on hostile shapes
+        if math.prod(d for d in e.shape if d) * dtype.itemsize >= 1 << 63:
+            # numpy cannot make such an array even when a zero dimension leaves it empty
+            raise CheckpointError(
+                f"corrupt: tensor {name!r} in {self.index_path} has shape {list(e.shape)}, "
+                "too large for any array"
+            )
         if nbytes != e.size:
             raise CheckpointError(
                 f"corrupt: tensor {name!r} in {self.index_path} has size {e.size} bytes, "

@@ -87,6 +87,8 @@ class GPT2Config:
     @classmethod
     def from_hf_config(cls, hf: dict[str, Any], source: str = "config.json") -> GPT2Config:
         """Builds a config from a Hugging Face ``config.json`` of ``model_type`` ``gpt2``."""
+        if not isinstance(hf, dict):
+            raise ConfigError(f"{source}: expected a JSON object, got {type(hf).__name__}")
         model_type = hf.get("model_type")
         if model_type != "gpt2":
             raise ConfigError(f"{source}: model_type is {model_type!r}, only 'gpt2' is supported")
@@ -161,7 +163,9 @@ def _build(
         raise ConfigError(f"{source}: missing {', '.join(missing)}")
     extra = sorted(set(d) - set(allowed))
     if extra:
-        raise ConfigError(f"{source}: unknown keys {', '.join(extra)}")
+        # repr() a key with a newline or control character: the error must stay one line
+        names = (k if k.isprintable() else repr(k) for k in extra)
+        raise ConfigError(f"{source}: unknown keys {', '.join(names)}")
     try:
         return GPT2Config(**d)
     except (ConfigError, TypeError) as e:
@@ -198,7 +202,9 @@ def read_json(path: str | os.PathLike) -> dict[str, Any]:
             data = json.load(f)
     except FileNotFoundError:
         raise ConfigError(f"{path}: file not found") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (ValueError, RecursionError) as e:
+        # ValueError: bad UTF-8 or JSON, and ints past Python's 4300-digit conversion limit;
+        # RecursionError: nesting deeper than the interpreter's stack
         raise ConfigError(f"{path}: not valid JSON ({e})") from None
     except OSError as e:
         raise ConfigError(f"{path}: cannot read ({e.strerror})") from None

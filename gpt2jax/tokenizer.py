@@ -60,7 +60,9 @@ def _ranks_from_files(encoder_json: str, vocab_bpe: str) -> dict[bytes, int]:
             merges = [line.split() for line in f.read().split("\n")[1:] if line.strip()]
     except FileNotFoundError as e:
         raise CheckpointError(f"{e.filename}: file not found") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except OSError as e:  # a directory, no permission...
+        raise CheckpointError(f"{e.filename}: cannot read ({e.strerror})") from None
+    except (ValueError, RecursionError) as e:  # bad UTF-8/JSON, ints past 4300 digits, nesting
         raise CheckpointError(
             f"{encoder_json} / {vocab_bpe}: unreadable tokenizer file ({e})"
         ) from None
@@ -72,7 +74,11 @@ def _ranks_from_files(encoder_json: str, vocab_bpe: str) -> dict[bytes, int]:
     for i, merge in enumerate(merges):
         if len(merge) != 2:
             raise CheckpointError(f"{vocab_bpe}: line {i + 2} is not a merge of two tokens")
-        ranks[to_bytes(merge[0], vocab_bpe) + to_bytes(merge[1], vocab_bpe)] = len(ranks)
+        token = to_bytes(merge[0], vocab_bpe) + to_bytes(merge[1], vocab_bpe)
+        if token in ranks:
+            # ids would skip a number and collide with <|endoftext|>: tiktoken panics on that
+            raise CheckpointError(f"{vocab_bpe}: line {i + 2} repeats the merge making {token!r}")
+        ranks[token] = len(ranks)
 
     ids = {to_bytes(t, encoder_json): i for t, i in encoder.items() if t != EOT_TEXT}
     if ids != ranks:

@@ -10,6 +10,7 @@ Public API::
 
 from gpt2jax.config import PRESETS, GPT2Config, get_preset
 from gpt2jax.errors import CheckpointError, ConfigError, DataError, Gpt2JaxError
+from gpt2jax.generate import Generation, generate
 from gpt2jax.model import GPT2, GPT2Output, KVCache, init_params, param_shapes
 from gpt2jax.pretrained import Pretrained, load
 from gpt2jax.tokenizer import Tokenizer
@@ -24,11 +25,13 @@ __all__ = [
     "DataError",
     "GPT2Config",
     "GPT2Output",
+    "Generation",
     "Gpt2JaxError",
     "KVCache",
     "Pretrained",
     "Tokenizer",
     "get_preset",
+    "generate",
     "init_params",
     "load",
     "param_shapes",

@@ -14,6 +14,8 @@ import os
 import sys
 from collections.abc import Callable
 
+from gpt2jax.cli_generate import add_generate
+from gpt2jax.cli_plan import add_plan
 from gpt2jax.cli_train import add_eval, add_finetune
 from gpt2jax.errors import Gpt2JaxError
 
@@ -176,6 +178,16 @@ def _cmd_info(args: argparse.Namespace) -> int:
         hf = describe_hf_dir(args.path)
         config = hf["config"]
         info.update(dtype=hf["dtype"], source={"format": "hf", "weights": hf["files"]})
+    elif kind == "run":
+        from gpt2jax.runs import latest_step, read_run
+
+        config, train = read_run(args.path)
+        try:
+            step = latest_step(args.path)
+        except Gpt2JaxError:
+            step = None  # no checkpoint yet
+        start = train.model or f"random {train.init} weights"
+        info.update(dtype="float32", source={"format": "gpt2jax-run", "from": start, "step": step})
     else:
         raise Gpt2JaxError(f"{args.path}: 'info' does not read {kind!r} directories yet")
     shape = config.to_hparams()
@@ -260,8 +272,10 @@ SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_export,
     _add_info,
     _add_download,
+    add_generate,
     add_finetune,
     add_eval,
+    add_plan,
 ]
 
 

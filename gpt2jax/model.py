@@ -114,7 +114,10 @@ class Conv1D(nn.Module):
             "w", nn.initializers.normal(self.w_std), (nx, self.features), self.param_dtype
         )
         b = self.param("b", nn.initializers.zeros, (self.features,), self.param_dtype)
-        return jnp.dot(x, w.astype(self.dtype)) + b.astype(self.dtype)
+        # float32 accumulation (a no-op in float32): in bfloat16 it is more precise, and it is the
+        # bf16 x bf16 -> f32 form that XLA's CPU backend hands to its fast (YNNPACK) matmuls.
+        y = jnp.dot(x, w.astype(self.dtype), preferred_element_type=jnp.float32)
+        return (y + b.astype(jnp.float32)).astype(self.dtype)
 
 
 class Attention(nn.Module):
@@ -139,19 +142,39 @@ class Attention(nn.Module):
         qkv = Conv1D(3 * C, self.dtype, self.param_dtype, name="c_attn")(x)  # (B, T, 3C)
         # OpenAI splits c_attn's output into q, k, v in that order, then into heads.
         q, k, v = (t.reshape(B, T, H, D).transpose(0, 2, 1, 3) for t in jnp.split(qkv, 3, -1))
+        keys, values = [k], [v]  # blocks of keys/values attended side by side: (B, H, *, D)
         if layer_cache is not None:
+            # The queries see the cache as it was (all but the T slots being written) next to the
+            # new keys, not the updated cache: XLA then updates the cache in place in a decoding
+            # loop instead of copying it (measured: 2-4 copies of every layer's cache per token).
             k_cache, v_cache = layer_cache
             start = (0, 0, cache_index, 0)
-            k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), start)
-            v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), start)
-            layer_cache = (k, v)
-        k, v = k.astype(self.dtype), v.astype(self.dtype)  # (B, H, S, D)
-        scores = jnp.einsum("bhtd,bhsd->bhts", q, k, preferred_element_type=jnp.float32) / D**0.5
+            layer_cache = (
+                jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), start),
+                jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), start),
+            )
+            # Attention runs in the cache's dtype: a float32 cache keeps bfloat16 decoding precise,
+            # and saves converting the whole cache on CPUs, whose bf16 batched matmuls convert.
+            keys, values = [k_cache, k.astype(k_cache.dtype)], [v_cache, v.astype(v_cache.dtype)]
+            slot = jnp.arange(k_cache.shape[2])
+            written = (slot >= cache_index) & (slot < cache_index + T)
+            new = jax.lax.dynamic_slice_in_dim(mask, cache_index, T, axis=2)  # (B, T, T)
+            mask = jnp.concatenate([mask & ~written, new], axis=-1)  # (B, T, S + T)
+        f32 = jnp.float32
+        scores = [
+            jnp.einsum("bhtd,bhsd->bhts", q.astype(kb.dtype), kb, preferred_element_type=f32)
+            for kb in keys
+        ]
+        scores = jnp.concatenate(scores, axis=-1) / D**0.5  # (B, H, T, keys)
         scores = jnp.where(mask[:, None], scores, -1e10)  # OpenAI masks with -1e10
-        probs = jax.nn.softmax(scores, axis=-1)  # (B, H, T, S) float32
+        probs = jax.nn.softmax(scores, axis=-1)  # (B, H, T, keys) float32
         probs = nn.Dropout(cfg.dropout, deterministic=self.deterministic)(probs)
-        y = jnp.einsum("bhts,bhsd->bhtd", probs.astype(self.dtype), v)
-        y = y.transpose(0, 2, 1, 3).reshape(B, T, C)
+        probs = jnp.split(probs, [kb.shape[2] for kb in keys[:-1]], axis=-1)
+        y = sum(
+            jnp.einsum("bhts,bhsd->bhtd", p.astype(vb.dtype), vb)
+            for p, vb in zip(probs, values, strict=True)
+        )
+        y = y.astype(self.dtype).transpose(0, 2, 1, 3).reshape(B, T, C)
         proj_std = 0.02 / (2 * cfg.n_layer) ** 0.5  # GPT-2 paper: residual projections scaled
         return Conv1D(C, self.dtype, self.param_dtype, proj_std, name="c_proj")(y), layer_cache
 

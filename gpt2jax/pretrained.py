@@ -107,11 +107,11 @@ def load(
         source = {"format": "hf", "path": os.path.abspath(path)}
         hf_tokenizer = load_tokenizer(path)  # vocab.json + merges.txt, or tokenizer.json
     elif kind == "run":
-        from gpt2jax.runs import latest_params, read_run
+        from gpt2jax import runs
 
-        config, _ = read_run(path)
-        step, params_dir = latest_params(path)  # the newest checkpoint of a training run
-        params = restore_params(params_dir, config, dtype=dtype)
+        config, _ = runs.read_run(path)
+        step = runs.latest_step(path)  # a training run loads as its newest checkpoint
+        params = runs.restore_params(path, config, step, dtype=dtype)
         source = {"format": "gpt2jax-run", "path": os.path.abspath(path), "step": step}
     else:
         raise Gpt2JaxError(f"{path}: loading a {kind!r} directory is not supported yet")

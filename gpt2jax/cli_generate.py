@@ -1,0 +1,155 @@
+"""``gpt2jax generate``: flags and command, registered by :mod:`gpt2jax.cli`.
+
+A single sample streams to the terminal as it is generated; several are printed one after the
+other, or written to ``--out`` as JSON lines (one :class:`~gpt2jax.generate.Generation` each).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from gpt2jax.errors import DataError, Gpt2JaxError
+
+DTYPE_CHOICES = ("float32", "bfloat16", "float16")
+
+
+def add_generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "generate",
+        help="sample text from a model (streams a single sample to the terminal)",
+        description="Sample continuations of prompts with a compiled KV-cache sampler. Without "
+        "--prompt or --prompt-file the samples are unconditional (they start from "
+        "<|endoftext|>).",
+    )
+    p.add_argument("model", help="model directory (gpt2jax, OpenAI, Hugging Face or a run)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--prompt", help="prompt text")
+    src.add_argument(
+        "--prompt-file",
+        help='one prompt per line, or JSON lines with a "prompt" field (.jsonl or lines that '
+        'start with "{")',
+    )
+    p.add_argument("--out", help="write the samples here as JSON lines")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="tokens per sample at most")
+    p.add_argument("--temperature", type=float, default=1.0, help="0 means greedy")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: off)")
+    p.add_argument("--greedy", action="store_true", help="always take the most likely token")
+    p.add_argument("--num-samples", type=int, default=1, help="samples per prompt")
+    p.add_argument("--batch-size", type=int, default=8, help="samples decoded together")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--include-prompt",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="print (and store) each sample's prompt before its continuation",
+    )
+    p.add_argument(
+        "--stop", action="append", default=[], help="end a sample at this string (repeatable)"
+    )
+    p.add_argument(
+        "--no-stop-at-eot",
+        dest="stop_at_eot",
+        action="store_false",
+        help="keep going after <|endoftext|>",
+    )
+    p.add_argument(
+        "--truncate-prompt",
+        action="store_true",
+        help="keep the end of a prompt too long for the context instead of refusing it",
+    )
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, help="parameter dtype (default: as stored)")
+    p.add_argument("--compute-dtype", choices=DTYPE_CHOICES, default="float32")
+    p.set_defaults(func=_cmd_generate)
+
+
+def read_prompts(path: str) -> list[str]:
+    """Prompts from a text file (one per non-empty line) or JSON lines ``{"prompt": ...}``."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = [(n, line.rstrip("\r\n")) for n, line in enumerate(f, 1) if line.strip()]
+    except OSError as e:
+        raise DataError(f"{path}: cannot read the prompt file ({e.strerror})") from None
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not UTF-8 text") from None
+    if not lines:
+        raise DataError(f"{path}: no prompts in the file")
+    if not (path.endswith(".jsonl") or lines[0][1].lstrip().startswith("{")):
+        return [line for _, line in lines]
+    prompts = []
+    for n, line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: line {n} is not JSON ({e.msg})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+            raise DataError(f'{path}: line {n} has no string "prompt" field')
+        prompts.append(record["prompt"])
+    return prompts
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from gpt2jax.checkpoint import DTYPES
+    from gpt2jax.generate import generate
+    from gpt2jax.pretrained import load
+
+    prompts = read_prompts(args.prompt_file) if args.prompt_file else args.prompt
+    n_prompts = 1 if prompts is None or isinstance(prompts, str) else len(prompts)
+    model = load(
+        args.model,
+        dtype=DTYPES[args.dtype] if args.dtype else None,
+        compute_dtype=DTYPES[args.compute_dtype],
+    )
+    streaming = n_prompts * args.num_samples == 1
+
+    def on_token(i: int, ids: list[int], text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    if streaming and args.include_prompt and isinstance(prompts, str):
+        sys.stdout.write(prompts)
+    start = time.perf_counter()
+    samples = generate(
+        model,
+        prompts,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        greedy=args.greedy,
+        seed=args.seed,
+        num_samples=args.num_samples,
+        batch_size=args.batch_size,
+        stop_at_eot=args.stop_at_eot,
+        stop=args.stop,
+        include_prompt=args.include_prompt,
+        truncate_prompt=args.truncate_prompt,
+        on_token=on_token if streaming else None,
+        show_progress=not streaming,
+    )
+    seconds = time.perf_counter() - start
+    if streaming:
+        print()
+    elif not args.out:
+        for k, s in enumerate(samples):
+            print(f"===== sample {k} (prompt {s.prompt_index}, sample {s.sample_index}) =====")
+            print(s.text)
+    if args.out:
+        try:
+            with open(args.out, "w", encoding="utf-8") as f:
+                for s in samples:
+                    f.write(json.dumps(s.to_json(), ensure_ascii=False) + "\n")
+        except OSError as e:
+            raise Gpt2JaxError(f"{args.out}: cannot write the samples ({e.strerror})") from None
+    prompt_tokens = sum(len(s.prompt_tokens) for s in samples) if args.include_prompt else 0
+    n_tokens = sum(len(s.tokens) for s in samples) - prompt_tokens
+    print(
+        f"{len(samples)} sample(s), {n_tokens} tokens in {seconds:.1f}s "
+        f"({n_tokens / seconds:.1f} tokens/s, compilation included)"
+        + (f"; wrote {args.out}" if args.out else ""),
+        file=sys.stderr,
+    )
+    return 0

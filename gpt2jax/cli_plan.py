@@ -1,0 +1,147 @@
+"""``gpt2jax plan MODEL --memory 16GB``: which training settings fit, and why (:mod:`gpt2jax.plan`).
+
+Registered by :mod:`gpt2jax.cli`. Only the model's shape is read (no weights are loaded), and
+nothing is allocated: every candidate's training step is compiled on abstract shapes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+
+from gpt2jax.config import GPT2Config
+
+
+def add_memory_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    """The memory flags shared by ``plan`` and ``finetune``, except those in ``skip``. They
+    default to None, so that a command can tell which were given (the defaults in the help are
+    :class:`gpt2jax.recipe.MemorySettings`'s)."""
+    from gpt2jax.model import REMAT_POLICIES
+    from gpt2jax.optim import OPTIMIZERS
+    from gpt2jax.recipe import DTYPES, PARALLEL, MemorySettings
+
+    dtypes = tuple(DTYPES)
+    flags = (
+        ("--remat", dict(choices=REMAT_POLICIES), "recompute activations in the backward "
+         "pass: none, dots (keep matmul outputs) or block (keep each block's input)"),
+        ("--optimizer", dict(choices=OPTIMIZERS), "adamw, adafactor or sgd (momentum 0.9)"),
+        ("--opt-state-dtype", dict(choices=dtypes), "AdamW's moments / SGD's momentum dtype"),
+        ("--param-dtype", dict(choices=dtypes), "dtype the parameters are stored in"),
+        ("--compute-dtype", dict(choices=dtypes), "matmul dtype (loss, softmax stay float32)"),
+        ("--loss-chunk", dict(type=int, metavar="N"), "compute the loss N sequence positions "
+         "at a time (0: all at once)"),
+        ("--parallel", dict(choices=PARALLEL), "data: replicated state, pmap; fsdp: state "
+         "sharded over the devices"),
+        ("--lora-rank", dict(type=int, metavar="R"), "train rank-R LoRA adapters on the "
+         "attention and MLP projections only (0: train the model)"),
+        ("--lora-alpha", dict(type=float, metavar="X"), "LoRA scale is alpha / R "
+         "(default: R, scale 1)"),
+        ("--freeze", dict(metavar="WHAT"), "'embeddings', or 'top:N' to train only the top N "
+         "blocks"),
+    )  # fmt: skip
+    defaults = MemorySettings()
+    for flag, kwargs, text in flags:
+        name = flag[2:].replace("-", "_")
+        if name in skip:
+            continue
+        default = getattr(defaults, name)
+        if default not in (None, 0) and "default:" not in text:
+            text = f"{text} (default: {default})"
+        p.add_argument(flag, dest=name, help=text, **kwargs)
+
+
+def model_config(path: str) -> GPT2Config:
+    """The shape of a model directory or preset size name, without reading any weights."""
+    from gpt2jax.checkpoint import detect, read_meta
+    from gpt2jax.config import PRESETS, read_json
+
+    if path in PRESETS and not os.path.exists(path):
+        return PRESETS[path]
+    from gpt2jax.hub import resolve_model
+
+    path = resolve_model(path)
+    kind = detect(path)
+    if kind == "gpt2jax":
+        return read_meta(path)["config"]
+    if kind == "openai":
+        hparams = os.path.join(path, "hparams.json")
+        return GPT2Config.from_hparams(read_json(hparams), source=hparams)
+    if kind == "hf":
+        from gpt2jax.convert.hf import describe_hf_dir
+
+        return describe_hf_dir(path)["config"]
+    from gpt2jax.runs import read_run
+
+    return read_run(path)[0]
+
+
+def add_plan(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "plan",
+        help="predict the training memory of MODEL and pick the fastest settings that fit",
+        description="Compile MODEL's training step for candidate settings (remat, optimizer "
+        "state, micro-batches, chunked loss) on abstract shapes, predict each one's peak memory "
+        "from XLA's memory analysis (arguments + outputs + temporaries - aliased, per device), "
+        "and print what fits --memory and why. Settings given as flags stay fixed; the "
+        "`finetune --memory` flag runs the same search. Nothing is allocated.",
+    )
+    p.add_argument("model", help="model directory, run directory or size name (124M ... 1558M)")
+    p.add_argument("--memory", required=True, help="device memory, e.g. 16GB (binary units)")
+    p.add_argument("--seq-len", type=int, default=1024, help="tokens per window (default 1024)")
+    p.add_argument(
+        "--batch-size", type=int, help="windows per update (default: 8, halved while nothing fits)"
+    )
+    p.add_argument("--grad-accum", type=int, help="micro-batches per update (default: searched)")
+    add_memory_flags(p)
+    p.set_defaults(func=_cmd_plan)
+
+
+def settings_from_args(args: argparse.Namespace):
+    """``(MemorySettings, names given)``: the memory settings of the flags (defaults where not
+    given)."""
+    from gpt2jax.recipe import MemorySettings
+
+    names = [f.name for f in dataclasses.fields(MemorySettings)]
+    given = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+    return MemorySettings(**given), set(given)
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from gpt2jax.plan import describe_choice, format_row, header, parse_memory, search
+
+    budget = parse_memory(args.memory)
+    config = model_config(args.model)
+    base, fixed = settings_from_args(args)
+    base.validate()
+    if args.grad_accum is not None:
+        fixed.add("grad_accum")
+    planner = make_planner(config, args.seq_len, base)
+    print(f"{args.model}: {config.num_params():,} parameters, seq-len {args.seq_len}, "
+          f"{planner.n_devices} device(s), {base.parallel} parallel")  # fmt: skip
+    print(header(budget), flush=True)
+    chosen, _ = search(
+        planner, base, budget, args.batch_size or 8, batch_given=args.batch_size is not None,
+        fixed=fixed, grad_accum=args.grad_accum or 1,
+        show=lambda row: print(format_row(row), flush=True),
+    )  # fmt: skip
+    if chosen is None:
+        print("nothing fits: try --lora-rank 16, --param-dtype bfloat16, a shorter --seq-len, "
+              "or --parallel fsdp over more devices")  # fmt: skip
+        return 1
+    flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in describe_choice(chosen).items())
+    print(f"chosen: {flags}")
+    return 0
+
+
+def make_planner(config: GPT2Config, seq_len: int, settings):
+    """A :class:`gpt2jax.plan.Planner` over this process's devices for ``settings.parallel``."""
+    import jax
+
+    from gpt2jax.plan import Planner
+
+    if settings.parallel == "fsdp":
+        from gpt2jax.sharding import FSDP
+
+        return Planner(config, seq_len, fsdp=FSDP())
+    return Planner(config, seq_len, n_devices=jax.local_device_count())

@@ -1,0 +1,187 @@
+"""``gpt2jax finetune`` and ``gpt2jax eval``: flags, registered by :mod:`gpt2jax.cli`.
+
+Every ``finetune`` flag defaults to None here so that the command can tell which ones were
+given: a new run fills the rest from :class:`gpt2jax.runs.TrainConfig`'s defaults, a resumed
+run from its ``run.json`` (and only the flags in ``TrainConfig.RESUMABLE`` may change then).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+
+from gpt2jax.errors import ConfigError
+
+# (flag, TrainConfig field, type, help); defaults come from TrainConfig.
+_TRAIN_FLAGS: tuple[tuple[str, str, type, str], ...] = (
+    ("--steps", "steps", int, "optimizer updates in the whole run"),
+    ("--batch-size", "batch_size", int, "windows per update, over all devices (global batch)"),
+    ("--grad-accum", "grad_accum", int, "split each update into this many micro-batches"),
+    ("--seq-len", "seq_len", int, "tokens per window (default: the model's context, <= 1024)"),
+    ("--lr", "lr", float, "peak learning rate"),
+    ("--warmup", "warmup", int, "linear warmup updates"),
+    ("--weight-decay", "weight_decay", float, "decoupled weight decay of the matmul weights"),
+    ("--clip", "clip", float, "clip gradients to this global L2 norm (0: off)"),
+    ("--dropout", "dropout", float, "dropout probability (0: off, usual for fine-tuning)"),
+    ("--seed", "seed", int, "seed of the data order, dropout and --init weights"),
+    ("--eval-every", "eval_every", int, "validate every N updates (0: only at the end)"),
+    ("--eval-batches", "eval_batches", int, "validation batches per evaluation (at most)"),
+    ("--sample-every", "sample_every", int, "print and save a sample every N updates (0: off)"),
+    ("--sample-length", "sample_length", int, "tokens per sample"),
+    ("--sample-prompt", "sample_prompt", str, "text samples start from (default: none)"),
+    ("--save-every", "save_every", int, "checkpoint every N updates (and always at the end)"),
+    ("--keep", "keep", int, "checkpoints to keep"),
+    ("--val-fraction", "val_fraction", float, "hold out this tail fraction of the data"),
+    ("--column", "column", str, "CSV column holding the text"),
+    ("--field", "field", str, "JSONL field holding the text (default: text)"),
+)
+
+
+def add_finetune(sub: argparse._SubParsersAction) -> None:
+    from gpt2jax.optim import OPTIMIZERS, SCHEDULES
+    from gpt2jax.runs import TrainConfig
+
+    defaults = TrainConfig()
+    p = sub.add_parser(
+        "finetune",
+        help="fine-tune a model on text (or train one from scratch), or resume a run",
+        description="Fine-tune MODEL (any model directory, or a run directory) on --data, "
+        "writing checkpoints, metrics and samples to the run directory --out. "
+        "`gpt2jax finetune --resume RUN` continues a run exactly where it stopped, with the "
+        "settings recorded in RUN/run.json. Ctrl-C saves a checkpoint before exiting.",
+    )
+    p.add_argument("model", nargs="?", help="starting model directory (or use --init SIZE)")
+    p.add_argument("--data", nargs="+", metavar="PATH", help=".txt/.csv/.jsonl files, dirs, globs")
+    p.add_argument("--out", help="run directory to create")
+    p.add_argument("--resume", metavar="RUN", help="continue the run in this directory")
+    p.add_argument("--init", metavar="SIZE", help="start from random weights of a preset size")
+    p.add_argument("--val-data", nargs="+", metavar="PATH", help="held-out data to validate on")
+    for flag, name, kind, text in _TRAIN_FLAGS:
+        if "default:" not in text:
+            text = f"{text} (default: {getattr(defaults, name)})"
+        metavar = {int: "N", float: "X"}.get(kind, "TEXT")
+        p.add_argument(flag, dest=name, type=kind, metavar=metavar, help=text)
+    p.add_argument("--schedule", choices=SCHEDULES, help=f"(default: {defaults.schedule})")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, help=f"(default: {defaults.optimizer})")
+    p.add_argument("--compute-dtype", choices=("float32", "bfloat16"), help="(default: float32)")
+    p.add_argument(
+        "--skip-nonfinite",
+        action="store_const",
+        const=True,
+        help="skip updates whose loss is NaN/inf instead of stopping",
+    )
+    p.set_defaults(func=_cmd_finetune)
+
+
+def _given(args: argparse.Namespace) -> dict:
+    """TrainConfig fields whose flags were given on the command line."""
+    from gpt2jax.runs import TrainConfig
+
+    names = {f.name for f in dataclasses.fields(TrainConfig)} - {"model", "data", "val_data"}
+    return {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
+
+
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    from gpt2jax.finetune import finetune
+    from gpt2jax.runs import TrainConfig
+
+    log_to_stderr()
+    cache_compiled_code()
+    given = _given(args)
+    if args.resume:
+        if args.model or args.data or args.out or args.val_data:
+            raise ConfigError("--resume RUN takes its model, data and output from RUN/run.json")
+        result = finetune(args.resume, resume=True, overrides=given)
+    else:
+        if not args.out:
+            raise ConfigError("--out RUN is required (the run directory to create)")
+        train = TrainConfig(
+            model=args.model, data=args.data or [], val_data=args.val_data or [], **given
+        )
+        result = finetune(args.out, train)
+    if result.interrupted:
+        return 128 + result.interrupted
+    parts = [f"step {result.step}"]
+    if result.loss is not None:
+        parts.append(f"loss {result.loss:.4f}")
+    if result.val_loss is not None:
+        parts.append(f"validation loss {result.val_loss:.4f}")
+    print(f"finished {result.run_dir}: {', '.join(parts)}")
+    return 0
+
+
+def add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="loss and perplexity of a model on a text",
+        description="Evaluate MODEL (any model or run directory) on --data: mean token "
+        "cross-entropy (nats), perplexity, and the number of tokens predicted.",
+    )
+    p.add_argument("model", help="model or run directory")
+    p.add_argument("--data", nargs="+", required=True, metavar="PATH", help="text to evaluate on")
+    p.add_argument("--seq-len", type=int, help="context per window (default: model's, <= 1024)")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per batch (default: 8)")
+    p.add_argument("--column", help="CSV column holding the text")
+    p.add_argument("--field", help="JSONL field holding the text (default: text)")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    p.set_defaults(func=_cmd_eval)
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from gpt2jax.evaluate import evaluate
+
+    log_to_stderr()
+    cache_compiled_code()
+    result = evaluate(
+        args.model, args.data, seq_len=args.seq_len, batch_size=args.batch_size,
+        column=args.column, field=args.field,
+    )  # fmt: skip
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(
+            f"loss {result['loss']:.4f}  perplexity {result['perplexity']:.2f}  "
+            f"tokens {result['tokens']:,}  ({result['model']} on {result['data']})"
+        )
+    return 0
+
+
+class _TqdmHandler(logging.Handler):
+    """Writes log lines above any progress bar instead of through it."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm.auto import tqdm
+
+        level = "warning: " if record.levelno >= logging.WARNING else ""
+        tqdm.write(f"gpt2jax: {level}{record.getMessage()}", file=sys.stderr)
+
+
+def log_to_stderr() -> None:
+    """Shows the library's info and warning lines on stderr (once per process)."""
+    logger = logging.getLogger("gpt2jax")
+    if not any(isinstance(h, _TqdmHandler) for h in logger.handlers):
+        logger.addHandler(_TqdmHandler())
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
+def cache_compiled_code() -> None:
+    """On accelerators, keeps XLA's compiled programs in ``<cache root>/jax`` (see
+    ``gpt2jax.data.cache_root``), so that a resumed run, or another of the same shape, starts
+    without recompiling (minutes for the big models on a TPU). ``JAX_COMPILATION_CACHE_DIR``
+    chooses another place, also on CPU, where it is off by default: compiling is quick there,
+    and a CPU program is built for the host's instruction set, which a cache in a home
+    directory shared between different machines would not respect.
+    """
+    import jax
+
+    from gpt2jax.data import cache_root
+    from gpt2jax.train import initialize_distributed
+
+    initialize_distributed()  # before anything starts JAX's backends
+    if not os.environ.get("JAX_COMPILATION_CACHE_DIR") and jax.default_backend() != "cpu":
+        jax.config.update("jax_compilation_cache_dir", os.path.join(cache_root(), "jax"))

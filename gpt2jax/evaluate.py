@@ -1,0 +1,68 @@
+"""``gpt2jax eval MODEL --data FILE``: loss and perplexity of a model on a text.
+
+The text is tokenized like training data (:mod:`gpt2jax.data`, cached) and covered by
+consecutive non-overlapping windows of ``seq_len + 1`` tokens
+(:func:`gpt2jax.batches.eval_windows`): every token after the first is predicted once, from at
+most ``seq_len`` tokens of context. The loss is the mean token cross-entropy in nats; perplexity
+is its exponential.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+from gpt2jax.batches import eval_windows
+from gpt2jax.data import check_vocab, load_tokens
+from gpt2jax.errors import ConfigError, DataError
+from gpt2jax.train import AXIS, DataParallel, make_eval_step
+
+
+def evaluate(
+    model_path: str | os.PathLike,
+    data: list[str],
+    *,
+    seq_len: int | None = None,
+    batch_size: int = 8,
+    column: str | None = None,
+    field: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    show_progress: bool = True,
+) -> dict[str, Any]:
+    """``{"loss", "perplexity", "tokens"}`` of the model at ``model_path`` on ``data``.
+
+    ``seq_len`` defaults to the model's context (at most 1024); ``batch_size`` windows are
+    evaluated at a time, over all local devices (rounded up to a multiple of their number).
+    """
+    from gpt2jax.hub import resolve_model
+    from gpt2jax.pretrained import load
+
+    model = load(resolve_model(model_path))  # a size name ("124M") means the download cache
+    config = model.config
+    seq_len = seq_len or min(1024, config.n_ctx)
+    if not 1 <= seq_len <= config.n_ctx:
+        raise ConfigError(f"--seq-len must be in [1, {config.n_ctx}] for this model, got {seq_len}")
+    if batch_size <= 0:
+        raise ConfigError(f"--batch-size must be > 0, got {batch_size}")
+    tokens = load_tokens(
+        data, model.tokenizer, column=column, field=field, cache_dir=cache_dir,
+        show_progress=show_progress,
+    )  # fmt: skip
+    if len(tokens.tokens) < 2:
+        raise DataError(f"{tokens.name}: only {len(tokens.tokens)} token, nothing to predict")
+    check_vocab(tokens.tokens, config.n_vocab, tokens.name)
+    windows, weights = eval_windows(tokens.tokens, seq_len)
+    dp = DataParallel()
+    per_device = -(-batch_size // (dp.num_devices * dp.process_count))
+    step = dp.compile_eval_step(make_eval_step(model.module, AXIS))
+    params = dp.replicate(model.params)
+    loss, count = dp.evaluate(step, params, windows, weights, per_device, show_progress)
+    return {
+        "model": os.fspath(model_path),
+        "data": tokens.name,
+        "loss": loss,
+        "perplexity": math.exp(min(loss, 700.0)),
+        "tokens": int(count),
+        "seq_len": seq_len,
+    }

@@ -1,0 +1,483 @@
+"""The fine-tuning loop behind ``gpt2jax finetune``: ``finetune(out, TrainConfig(...))``.
+
+One run: tokenize the data once (:mod:`gpt2jax.data`), build the optimizer
+(:mod:`gpt2jax.optim`), compile the pmapped step (:mod:`gpt2jax.train`), then loop. The loop
+never waits for the device just to log: it dispatches step ``k`` and then reads step ``k - 1``'s
+metrics, which are ready by then, so the device always has the next step queued; batches are
+prepared on a background thread (:class:`gpt2jax.batches.Prefetcher`).
+
+Every ``save_every`` steps, at the end, and on Ctrl-C / SIGTERM, the params, optimizer state,
+step, data position and RNG are checkpointed (asynchronously; :mod:`gpt2jax.runs`). Because the
+batches and the dropout keys are pure functions of ``(seed, step)``, ``finetune(out,
+resume=True)`` continues exactly: N steps straight give bitwise the parameters of N/2 steps,
+a resume, and N/2 more (float32 on CPU; the tests check it).
+
+A NaN or infinite loss stops the run with :class:`NonFiniteLossError`, which names the step and
+the last good checkpoint (nothing is saved after the bad step); with ``skip_nonfinite`` such
+updates are skipped instead and counted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gpt2jax import runs
+from gpt2jax.batches import Prefetcher, WindowSampler, eval_windows, spread
+from gpt2jax.checkpoint import DTYPES
+from gpt2jax.config import GPT2Config, get_preset
+from gpt2jax.data import check_vocab, load_tokens, split_tail
+from gpt2jax.errors import ConfigError, DataError, Gpt2JaxError
+from gpt2jax.hub import resolve_model
+from gpt2jax.metrics import MetricsLog, plot_losses
+from gpt2jax.model import GPT2, init_params, param_shapes
+from gpt2jax.optim import learning_rate_schedule, make_optimizer
+from gpt2jax.progress import progress_bar
+from gpt2jax.runs import TrainConfig
+from gpt2jax.tokenizer import Tokenizer
+from gpt2jax.train import (
+    AXIS,
+    DataParallel,
+    TrainState,
+    initialize_distributed,
+    make_eval_step,
+    make_train_step,
+)
+
+log = logging.getLogger(__name__)
+
+SAMPLE_TOP_K = 40  # as in OpenAI's interactive_conditional_samples.py
+
+
+class NonFiniteLossError(Gpt2JaxError):
+    """The loss or gradient became NaN/inf; ``step`` is the update that produced it."""
+
+    def __init__(self, step: int, loss: float, checkpoint: int | None, run_dir: str) -> None:
+        self.step, self.loss, self.checkpoint = step, loss, checkpoint
+        kept = (
+            f"the last good checkpoint is step {checkpoint} ({run_dir}/checkpoints/{checkpoint})"
+            if checkpoint is not None
+            else "no checkpoint had been saved"
+        )
+        super().__init__(
+            f"{run_dir}: step {step}: the loss is {loss} (not finite); training stopped and "
+            f"{kept}. Lower --lr, or resume with --skip-nonfinite to skip such updates"
+        )
+
+
+@dataclasses.dataclass
+class FinetuneResult:
+    """How a run ended: the last completed ``step``, its training loss, the last validation
+    loss, the signal that interrupted it (None if it finished) and skipped non-finite updates."""
+
+    run_dir: str
+    step: int
+    loss: float | None
+    val_loss: float | None
+    interrupted: int | None
+    skipped: int
+
+
+def finetune(
+    out: str | os.PathLike,
+    train: TrainConfig | None = None,
+    *,
+    resume: bool = False,
+    overrides: dict[str, Any] | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    show_progress: bool = True,
+) -> FinetuneResult:
+    """Fine-tunes (or trains from scratch) into the run directory ``out``.
+
+    Args:
+        out: the run directory; created for a new run, read for ``resume``.
+        train: the settings of a new run (``model`` or ``init``, ``data``, ...).
+        resume: continue the run in ``out`` from its latest checkpoint with its recorded settings.
+        overrides: for ``resume``, new values of :attr:`TrainConfig.RESUMABLE` fields (e.g. more
+            ``steps``).
+        cache_dir: where tokenized data is cached (default :func:`gpt2jax.data.default_cache_dir`).
+        show_progress: progress bars on stderr.
+    """
+    initialize_distributed()
+    primary = jax.process_index() == 0  # the one process that writes the run's own files
+    out = os.path.abspath(os.fspath(out))
+    if resume:
+        config, train = _resumed_settings(out, overrides or {})
+        tokenizer = Tokenizer.from_dir(out)
+        params = None  # from the checkpoint, or the starting model if there is none yet
+    else:
+        if train is None:
+            raise ConfigError("finetune needs a TrainConfig for a new run")
+        train = _absolute_paths(train)
+        train.validate()
+        if primary:
+            runs.check_new_run(out)
+        config, params, tokenizer, tokenizer_dir = _starting_model(train)
+        train = _resolve_seq_len(train, config)
+    run = _Run(out, config, train, tokenizer, cache_dir, show_progress)
+    if not resume and primary:  # only once the data and settings have proved usable
+        runs.create_run(out, config, train, tokenizer_dir)
+    run.start_state(params, resume)
+    return run.run()
+
+
+def _absolute_paths(train: TrainConfig) -> TrainConfig:
+    def absolute(p: str) -> str:
+        # Globs stay globs; only their directory part is anchored.
+        return os.path.abspath(os.path.expanduser(p))
+
+    # A size name ("355M") is resolved to its download cache here, so run.json records a path.
+    model = absolute(resolve_model(train.model)) if train.model is not None else None
+    return dataclasses.replace(
+        train,
+        model=model,
+        data=[absolute(p) for p in train.data],
+        val_data=[absolute(p) for p in train.val_data],
+    )
+
+
+def _resolve_seq_len(train: TrainConfig, config: GPT2Config) -> TrainConfig:
+    seq_len = train.seq_len or min(1024, config.n_ctx)
+    if seq_len > config.n_ctx:
+        raise ConfigError(f"--seq-len {seq_len} exceeds the model's context of {config.n_ctx}")
+    return dataclasses.replace(train, seq_len=seq_len)
+
+
+def _resumed_settings(out: str, overrides: dict[str, Any]) -> tuple[GPT2Config, TrainConfig]:
+    config, train = runs.read_run(out)
+    fixed = sorted(k for k in overrides if k not in TrainConfig.RESUMABLE)
+    if fixed:
+        flags = ", ".join("--" + k.replace("_", "-") for k in fixed)
+        raise ConfigError(
+            f"{out}: {flags} cannot change when resuming (only "
+            f"{', '.join('--' + k.replace('_', '-') for k in TrainConfig.RESUMABLE)} can)"
+        )
+    if overrides:
+        train = dataclasses.replace(train, **overrides)
+        train.validate()
+        runs.write_run_json(out, config, train)
+    return config, train
+
+
+def _starting_model(train: TrainConfig) -> tuple[GPT2Config, Any, Tokenizer, str | None]:
+    """``(config, params, tokenizer, tokenizer_dir)`` of the model the run starts from."""
+    if train.init is not None:
+        config = get_preset(train.init)
+        return config, None, Tokenizer.default(), None  # params: drawn from the seed later
+    from gpt2jax.pretrained import load
+
+    model = load(train.model)
+    has_files = os.path.exists(os.path.join(train.model, "encoder.json"))
+    return model.config, model.params, model.tokenizer, train.model if has_files else None
+
+
+@contextmanager
+def _stop_signals() -> Iterator[dict[str, int]]:
+    """Turns the first SIGINT/SIGTERM into a request to checkpoint and stop; a second SIGINT
+    interrupts at once. Yields a dict whose ``"signal"`` is set when one arrived."""
+    flag: dict[str, int] = {}
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if flag and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        flag["signal"] = signum
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield flag
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+class _Run:
+    """One session of a run: set up data, model, state and compiled steps, then loop."""
+
+    def __init__(
+        self,
+        out: str,
+        config: GPT2Config,
+        train: TrainConfig,
+        tokenizer: Tokenizer,
+        cache_dir: Any,
+        show_progress: bool,
+    ) -> None:
+        self.out, self.config, self.train, self.tokenizer = out, config, train, tokenizer
+        self.dp = DataParallel()
+        self.primary = self.dp.process_index == 0
+        self.show_progress = show_progress and self.primary
+        self.per_device = self.dp.check_batch(train.batch_size, train.grad_accum)
+        self._setup_data(cache_dir)
+        self._setup_model()
+        self.skipped = 0
+        self.loss: float | None = None
+        self.val_loss: float | None = None
+
+    # -- setup ---------------------------------------------------------------------------------
+
+    def _setup_data(self, cache_dir: Any) -> None:
+        t = self.train
+        data = load_tokens(
+            t.data, self.tokenizer, column=t.column, field=t.field, cache_dir=cache_dir,
+            show_progress=self.show_progress,
+        )  # fmt: skip
+        self.data_key = data.key
+        if t.val_data:
+            val = load_tokens(
+                t.val_data, self.tokenizer, column=t.column, field=t.field, cache_dir=cache_dir,
+                show_progress=self.show_progress,
+            )  # fmt: skip
+            train_tokens, val_tokens = data.tokens, val.tokens
+            check_vocab(val.tokens, self.config.n_vocab, val.name)
+        else:
+            train_tokens, val_tokens = split_tail(data.tokens, t.val_fraction)
+        check_vocab(data.tokens, self.config.n_vocab, data.name)
+        try:
+            self.sampler = WindowSampler(train_tokens, t.seq_len, t.batch_size, t.seed)
+        except DataError as e:
+            held = f" after holding out --val-fraction {t.val_fraction}" if len(val_tokens) else ""
+            raise DataError(f"{data.name}: {e}{held}") from None
+        windows, weights = eval_windows(val_tokens, t.seq_len)
+        limit = t.eval_batches * self.per_device * self.dp.num_devices * self.dp.process_count
+        self.val_windows, self.val_weights = spread(windows, weights, limit)
+        if len(val_tokens) < 2 and (t.val_data or t.val_fraction > 0):
+            log.warning("no validation: only %d tokens were held out", len(val_tokens))
+        log.info(
+            "data: %s: %d tokens in %d document(s), %d for training (%.2f epochs of windows "
+            "in %d steps), %d held out",
+            data.name, len(data.tokens), data.n_documents, len(train_tokens),
+            t.steps * t.batch_size / self.sampler.windows_per_epoch, t.steps, len(val_tokens),
+        )  # fmt: skip
+
+    def _setup_model(self) -> None:
+        t, config = self.train, self.config
+        dtype = DTYPES[t.compute_dtype]
+        model = GPT2(dataclasses.replace(config, dropout=t.dropout), dtype=dtype)
+        self.eval_model = GPT2(dataclasses.replace(config, dropout=0.0), dtype=dtype)
+        self.schedule = learning_rate_schedule(t.lr, t.warmup, t.steps, t.schedule)
+        self.tx = make_optimizer(
+            t.optimizer, self.schedule, weight_decay=t.weight_decay, clip=t.clip
+        )
+        step = make_train_step(
+            model, self.tx, schedule=self.schedule, skip_nonfinite=t.skip_nonfinite, axis_name=AXIS
+        )
+        self.p_train_step = self.dp.compile_train_step(step)
+        self.p_eval_step = self.dp.compile_eval_step(make_eval_step(self.eval_model, AXIS))
+
+    def start_state(self, params: Any, resume: bool) -> None:
+        """Puts the train state on the devices: the latest checkpoint's when resuming (if there
+        is one), else a fresh one from ``params`` (or the starting model's)."""
+        self.ckpts = runs.Checkpoints(self.out, self.train.keep)
+        self.start = self._restore() if resume else None
+        self.last_saved = self.start
+        if self.start is None:
+            t = self.train
+            if params is None:
+                params = _initial_params(t, self.config)
+            self.state = self.dp.replicate(TrainState.create(params, self.tx, t.seed))
+            self.start = 0
+
+    def _restore(self) -> int | None:
+        """Restores the latest checkpoint onto the devices; its step, or None if none."""
+        step = self.ckpts.latest_step()
+        if step is None:
+            return None
+        shapes = param_shapes(self.config)
+        opt_shapes = jax.eval_shape(self.tx.init, shapes)
+        params, opt_state, meta = self.ckpts.restore(step, shapes, opt_shapes)
+        if meta.get("data_key") != self.data_key:
+            log.warning(
+                "%s: the training data changed since step %d was saved; the run continues on "
+                "the new data, so it is no longer an exact continuation", self.out, step,
+            )  # fmt: skip
+        state = TrainState(
+            step=jnp.asarray(step, jnp.int32),
+            params=params,
+            opt_state=opt_state,
+            rng=jnp.asarray(meta["rng"], jnp.uint32),
+        )
+        self.state = self.dp.replicate(state)
+        log.info("resuming %s from step %d", self.out, step)
+        return step
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def run(self) -> FinetuneResult:
+        t = self.train
+        rows = self.dp.process_rows(t.batch_size)
+        prefetch = Prefetcher(
+            lambda s: self.dp.shard(self.sampler.batch(s, rows), t.grad_accum),
+            self.start,
+            t.steps,
+        )
+        metrics = MetricsLog(os.path.join(self.out, runs.METRICS), self.start, self.primary)
+        if self.start >= t.steps:
+            log.info("%s is at step %d of %d already; --steps N trains further", self.out,
+                     self.start, t.steps)  # fmt: skip
+        self.metrics = metrics
+        self.tokens_per_step = t.batch_size * t.seq_len
+        interrupted = None
+        try:
+            with (
+                _stop_signals() as stop,
+                progress_bar(
+                    t.steps, "finetune", unit="step", enabled=self.show_progress, initial=self.start
+                ) as bar,
+            ):
+                self.bar = bar
+                self.clock = time.perf_counter()
+                self.started = self.clock
+                pending = None
+                done = self.start
+                for step in range(self.start, t.steps):
+                    batch = prefetch.next()
+                    self.state, step_metrics = self.p_train_step(self.state, batch)
+                    if pending is not None:
+                        self._record(*pending)
+                    pending = (step + 1, step_metrics)
+                    done = step + 1
+                    last = done == t.steps
+                    stopping = "signal" in stop  # read once: a signal may arrive any time
+                    due = (
+                        _due(done, t.eval_every) and len(self.val_windows),
+                        _due(done, t.sample_every) or (last and t.sample_every > 0),
+                        _due(done, t.save_every) or last or stopping,
+                    )
+                    if any(due) or last:
+                        self._record(*pending)
+                        pending = None
+                    if due[0] or (last and len(self.val_windows)):
+                        self._evaluate(done)
+                    if due[1]:
+                        self._sample(done)
+                    if due[2]:
+                        self._save(done)
+                    if stopping:
+                        interrupted = stop["signal"]
+                        log.info(
+                            "%s at step %d: checkpoint saved; continue with "
+                            "gpt2jax finetune --resume %s",
+                            signal.Signals(interrupted).name, done, self.out,
+                        )  # fmt: skip
+                        break
+                if pending is not None:
+                    self._record(*pending)
+            self.ckpts.wait()
+        finally:
+            prefetch.close()
+            metrics.close()
+            self.ckpts.close()
+        if self.primary and plot_losses(metrics.path, os.path.join(self.out, runs.PLOT)):
+            log.info("loss curve: %s", os.path.join(self.out, runs.PLOT))
+        if self.skipped:
+            log.warning("%d update(s) with a non-finite loss were skipped", self.skipped)
+        return FinetuneResult(self.out, done, self.loss, self.val_loss, interrupted, self.skipped)
+
+    def _record(self, step: int, step_metrics: dict[str, jax.Array]) -> None:
+        """Logs the metrics of update ``step`` (waits for it); stops on a non-finite loss."""
+        m = jax.device_get(step_metrics)
+        now = time.perf_counter()
+        elapsed, self.clock = now - self.clock, now
+        loss = float(m["loss"])
+        record = {
+            "step": step,
+            "loss": loss,
+            "lr": float(m["lr"]),
+            "grad_norm": float(m["grad_norm"]),
+            "tokens": step * self.tokens_per_step,
+            "tokens_per_s": round(self.tokens_per_step / max(elapsed, 1e-9), 1),
+            "elapsed": round(now - self.started, 3),
+        }
+        finite = bool(m["finite"])
+        if finite:
+            self.loss = loss
+        elif self.train.skip_nonfinite:
+            self.skipped += 1
+            record["skipped"] = True
+        self.metrics.write(record)  # a non-finite loss is logged as null
+        if not finite and not self.train.skip_nonfinite:
+            raise NonFiniteLossError(step, loss, self.last_saved, self.out)
+        postfix = {"loss": f"{loss:.4f}", "lr": f"{record['lr']:.2e}"}
+        if self.val_loss is not None:
+            postfix["val"] = f"{self.val_loss:.4f}"
+        postfix["tok/s"] = f"{record['tokens_per_s']:.0f}"
+        self.bar.set_postfix(postfix, refresh=False)
+        self.bar.update(1)
+
+    def _evaluate(self, step: int) -> None:
+        loss, count = self.dp.evaluate(
+            self.p_eval_step, self.state.params, self.val_windows, self.val_weights,
+            self.per_device,
+        )  # fmt: skip
+        self.val_loss = loss
+        ppl = math.exp(min(loss, 700.0))
+        self.metrics.write({"step": step, "val_loss": loss, "val_ppl": ppl, "val_tokens": count})
+        log.info(
+            "step %d: validation loss %.4f, perplexity %.2f (%d tokens)", step, loss, ppl, count
+        )
+
+    def _sample(self, step: int) -> None:
+        from gpt2jax.generate import generate
+        from gpt2jax.pretrained import Pretrained
+
+        t = self.train
+        model = Pretrained(
+            config=self.config,
+            params=self.dp.unreplicate(self.state.params),
+            tokenizer=self.tokenizer,
+            path=self.out,
+            kind="run",
+            compute_dtype=self.eval_model.dtype,
+        )
+        text = generate(
+            model, t.sample_prompt or None, max_new_tokens=t.sample_length, top_k=SAMPLE_TOP_K,
+            seed=t.seed + step, truncate_prompt=True, include_prompt=True,
+        )[0].text  # fmt: skip
+        if self.primary:
+            banner = f"======== sample at step {step} ========"
+            with open(os.path.join(self.out, runs.SAMPLES), "a") as f:
+                f.write(f"{banner}\n{text}\n\n")
+            self.bar.write(f"{banner}\n{text}\n")
+
+    def _save(self, step: int) -> None:
+        if self.last_saved == step:
+            return
+        state = self.dp.unreplicate(self.state)
+        meta = {
+            "step": step,
+            "rng": np.asarray(state.rng).tolist(),
+            "data": self.sampler.state(step),
+            "data_key": self.data_key,
+            "loss": self.loss,
+            "val_loss": self.val_loss,
+        }
+        self.ckpts.save(step, state.params, state.opt_state, meta)
+        self.last_saved = step
+
+
+def _due(step: int, every: int) -> bool:
+    return every > 0 and step % every == 0
+
+
+def _initial_params(train: TrainConfig, config: GPT2Config) -> Any:
+    """The parameters a run starts from: the starting model's, or random for ``init``."""
+    if train.init is not None:
+        return init_params(config, train.seed)
+    from gpt2jax.pretrained import load
+
+    return load(train.model).params

@@ -1,0 +1,389 @@
+"""``gpt2jax plan`` and ``finetune --memory``: the fastest settings whose training step fits.
+
+**Prediction.** For a candidate configuration the real training step (:mod:`gpt2jax.recipe`,
+:func:`gpt2jax.train.make_train_step`) is lowered and compiled on abstract inputs
+(``jax.ShapeDtypeStruct`` for the train state and the batch: nothing is allocated) and XLA's
+buffer assignment is read back with ``compiled.memory_analysis()``. It reports the bytes of the
+arguments (train state and batch), the outputs (new state, metrics), the temporaries (every
+intermediate: gradients, activations, the optimizer's scratch, all placed by XLA's heap
+simulator with reuse) and the aliased bytes (outputs written into donated argument buffers).
+The step's peak is therefore ::
+
+    peak = arguments + outputs + temporaries - aliased
+
+(the state is donated, so the new state costs nothing beyond the old one). Under FSDP the
+figures are per device. Not included: the runtime's own buffers and fragmentation, hence a
+budget's last 1/16 (at least 256 MiB) is kept free (:func:`usable_bytes`). The tests check the
+prediction against the measured peak RSS of a real step on CPU.
+
+**Search.** Candidates vary what costs speed but not the maths: rematerialisation, the
+optimizer's state (AdamW float32, AdamW bfloat16 moments, Adafactor; or SGD float32/bfloat16 when
+``--optimizer sgd`` is given), the split of the batch into micro-batches, and the chunked loss.
+The leanest candidates are compiled first (if they do not fit, nothing at that batch size
+does); then the rest in order of expected step time (:func:`expected_cost`, a rough model:
+block remat recomputes the forward pass, +35%; dots-saveable remat +15%; small micro-batches
+use a device less well; chunking the loss +2%; Adafactor's and bfloat16 state's extra
+arithmetic +1-2%), and the first that fits wins. Candidates are skipped without compiling when
+their parameters, optimizer state and gradients alone exceed the budget, or when a candidate
+needing no more memory in any respect already did not fit. Settings that change what is
+learned (batch size, parameter dtype, LoRA, freezing) are the user's; only when no
+``--batch-size`` was given and nothing fits at the default is the batch halved.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import time
+from collections.abc import Callable, Collection, Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from gpt2jax.config import GPT2Config
+from gpt2jax.errors import ConfigError
+from gpt2jax.recipe import MemorySettings, build
+
+GiB = 2**30
+LOSS_CHUNK = 128  # positions per chunk when the planner chunks the loss
+REMAT_COST = {"none": 1.0, "dots": 1.15, "block": 1.35}
+STATE_COST = {
+    ("adamw", "float32"): 1.0,
+    ("adamw", "bfloat16"): 1.01,
+    ("adafactor", "float32"): 1.02,
+}
+SGD_COST = {("sgd", "float32"): 1.0, ("sgd", "bfloat16"): 1.01}
+TOKENS_TO_FILL = 2048  # micro-batch tokens per device below which a device idles noticeably
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    """One configuration: memory settings plus how the global batch is split."""
+
+    settings: MemorySettings
+    batch_size: int  # windows per update, all devices
+    grad_accum: int  # micro-batches per update
+
+    @property
+    def micro_batch(self) -> int:
+        return self.batch_size // self.grad_accum
+
+    def describe(self) -> str:
+        s = self.settings
+        state = s.optimizer + (" bf16-state" if s.opt_state_dtype == "bfloat16" else "")
+        loss = f"loss-chunk {s.loss_chunk}" if s.loss_chunk else "plain loss"
+        split = f"batch {self.micro_batch}x{self.grad_accum}"
+        return f"remat {s.remat:<5} {state:<16} {split:<10} {loss}"
+
+
+@dataclasses.dataclass
+class Row:
+    """A candidate and what the planner found out about it."""
+
+    candidate: Candidate
+    peak: int | None  # predicted bytes (per device), None when not compiled
+    fits: bool
+    why: str
+
+
+def parse_memory(text: str) -> int:
+    """Bytes of a budget like ``16GB``, ``15.5GiB``, ``800MB``. Accelerator memory is sold in
+    binary units (a "16 GB" TPU v5e or V100 has 16 GiB), so GB means GiB here."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]i?B?)?\s*", text, re.IGNORECASE)
+    if not m:
+        raise ConfigError(f"--memory {text!r} is not a size like 16GB, 15.5GiB or 800MB")
+    unit = (m.group(2) or "B").upper().rstrip("B").rstrip("I")
+    value = float(m.group(1)) * 1024 ** "_KMGT".index(unit or "_")
+    if value <= 0:
+        raise ConfigError(f"--memory must be positive, got {text!r}")
+    return int(value)
+
+
+def usable_bytes(budget: int) -> int:
+    """What a candidate's predicted peak may use of ``budget``: all but 1/16 (>= 256 MiB) left
+    for the runtime and fragmentation."""
+    return budget - max(budget // 16, 256 * 2**20)
+
+
+def expected_cost(c: Candidate, seq_len: int, n_devices: int) -> float:
+    """Relative time per token (lower is faster); see the module docstring."""
+    s = c.settings
+    tokens = c.micro_batch * seq_len / n_devices  # per device per micro-batch
+    fill = 1.0 + TOKENS_TO_FILL / (TOKENS_TO_FILL + 4 * tokens)
+    state = {**STATE_COST, **SGD_COST}[(s.optimizer, s.opt_state_dtype)]
+    return REMAT_COST[s.remat] * state * fill * (1.02 if s.loss_chunk else 1.0)
+
+
+#: The settings the search varies (any of them can be fixed by the user).
+SEARCHED = ("remat", "optimizer", "opt_state_dtype", "loss_chunk", "grad_accum")
+
+
+def candidates(
+    base: MemorySettings,
+    batch_size: int,
+    n_devices: int,
+    fixed: Collection[str] = (),
+    grad_accum: int = 1,
+) -> list[Candidate]:
+    """Every configuration the search may try. Settings named in ``fixed`` keep ``base``'s value
+    (``grad_accum``'s is the argument)."""
+    states = list(SGD_COST) if base.optimizer == "sgd" else list(STATE_COST)
+    if "optimizer" in fixed:
+        states = [(o, d) for o, d in states if o == base.optimizer]
+    if "opt_state_dtype" in fixed:
+        states = [(o, d) for o, d in states if d == base.opt_state_dtype]
+    if not states:
+        raise ConfigError(f"--opt-state-dtype {base.opt_state_dtype} does not apply to adafactor")
+    remats = [base.remat] if "remat" in fixed else list(REMAT_COST)
+    chunks = [base.loss_chunk] if "loss_chunk" in fixed else [0, LOSS_CHUNK]
+    splits = [a for a in range(1, batch_size + 1) if batch_size % (a * n_devices) == 0]
+    if "grad_accum" in fixed:
+        splits = [a for a in splits if a == grad_accum]
+    if not splits:
+        raise ConfigError(
+            f"--batch-size {batch_size} does not split over {n_devices} device(s)"
+            + (f" and --grad-accum {grad_accum}" if "grad_accum" in fixed else "")
+        )
+    return [
+        Candidate(
+            dataclasses.replace(base, remat=r, optimizer=o, opt_state_dtype=d, loss_chunk=ch),
+            batch_size,
+            a,
+        )
+        for r in remats
+        for o, d in states
+        for a in splits
+        for ch in chunks
+    ]
+
+
+def _memory_rank(c: Candidate) -> tuple:
+    """Per respect, how much memory a candidate needs (higher: at least as much)."""
+    s = c.settings
+    order = [("adafactor", "float32"), ("sgd", "bfloat16"), ("sgd", "float32")]
+    order += [("adamw", "bfloat16"), ("adamw", "float32")]
+    return (
+        -list(REMAT_COST).index(s.remat),
+        order.index((s.optimizer, s.opt_state_dtype)),
+        c.micro_batch,
+        c.grad_accum > 1,
+        -bool(s.loss_chunk),
+    )
+
+
+def _needs_at_least(a: Candidate, b: Candidate) -> bool:
+    return all(x >= y for x, y in zip(_memory_rank(a), _memory_rank(b), strict=True))
+
+
+class Planner:
+    """Compiles candidates of one model and sequence length and predicts their peaks.
+
+    ``fsdp``: an :class:`gpt2jax.sharding.FSDP` to predict per-device peaks of the sharded step
+    (``settings.parallel == "fsdp"``); otherwise one device's share of a data-parallel step over
+    ``n_devices`` devices.
+    """
+
+    def __init__(
+        self,
+        config: GPT2Config,
+        seq_len: int,
+        *,
+        weight_decay: float = 0.01,
+        clip: float = 1.0,
+        n_devices: int = 1,
+        fsdp: Any = None,
+    ) -> None:
+        if not 1 <= seq_len <= config.n_ctx:
+            raise ConfigError(f"--seq-len must be in [1, {config.n_ctx}], got {seq_len}")
+        self.config, self.seq_len = config, seq_len
+        self.weight_decay, self.clip = weight_decay, clip
+        self.fsdp = fsdp
+        self.n_devices = fsdp.num_devices if fsdp is not None else n_devices
+
+    def _step(self, c: Candidate) -> tuple[Callable, Any, Any]:
+        """``(jitted step, abstract state, abstract batch)`` of a candidate."""
+        from gpt2jax.sharding import make_prepare
+        from gpt2jax.train import TrainState, make_train_step
+
+        extra = make_prepare(self.fsdp.mesh) if self.fsdp is not None else None
+        schedule = optax.constant_schedule(1e-4)
+        recipe = build(
+            self.config, c.settings, schedule, weight_decay=self.weight_decay, clip=self.clip,
+            extra_prepare=extra,
+        )  # fmt: skip
+        step = make_train_step(recipe.model, recipe.tx, loss_fn=recipe.loss_fn, schedule=schedule)
+        trained, frozen = recipe.abstract_params()
+        state = jax.eval_shape(
+            lambda p, f: TrainState.create(p, recipe.tx, 0, frozen=f), trained, frozen
+        )
+        T1 = self.seq_len + 1
+        if self.fsdp is not None:
+            batch = jax.ShapeDtypeStruct(
+                (c.grad_accum, c.micro_batch, T1), jnp.int32, sharding=self.fsdp.batch_sharding
+            )
+            return self.fsdp.compile_train_step(step, state), self.fsdp.abstract(state), batch
+        per_device = c.micro_batch // self.n_devices
+        batch = jax.ShapeDtypeStruct((c.grad_accum, per_device, T1), jnp.int32)
+        return jax.jit(step, donate_argnums=(0,)), state, batch
+
+    def state_bytes(self, c: Candidate) -> int:
+        """Parameters, optimizer state and gradients (twice with accumulation), per device: a
+        lower bound of the peak, known without compiling."""
+        _, state, _ = self._step(c)
+        total = _bytes(state, self.fsdp)
+        grads = _bytes(state.params, self.fsdp)
+        return total + grads * (2 if c.grad_accum > 1 else 1)
+
+    def compile(self, c: Candidate) -> tuple[Any, float]:
+        """``(compiled step, seconds it took)``, from abstract inputs (nothing allocated)."""
+        step, state, batch = self._step(c)
+        start = time.perf_counter()
+        compiled = step.lower(state, batch).compile()
+        return compiled, time.perf_counter() - start
+
+    def predict(self, c: Candidate) -> tuple[int, dict[str, float]]:
+        """``(peak bytes, details)`` from the compiled step's memory analysis."""
+        compiled, seconds = self.compile(c)
+        return peak_bytes(compiled), {**memory_details(compiled), "compile_s": seconds}
+
+
+def peak_bytes(compiled: Any) -> int:
+    """``arguments + outputs + temporaries - aliased`` of a compiled function (see above)."""
+    m = compiled.memory_analysis()
+    return int(
+        m.argument_size_in_bytes
+        + m.output_size_in_bytes
+        + m.temp_size_in_bytes
+        - m.alias_size_in_bytes
+    )
+
+
+def memory_details(compiled: Any) -> dict[str, int]:
+    m = compiled.memory_analysis()
+    return {
+        "arguments": int(m.argument_size_in_bytes),
+        "outputs": int(m.output_size_in_bytes),
+        "temporaries": int(m.temp_size_in_bytes),
+        "aliased": int(m.alias_size_in_bytes),
+    }
+
+
+def _bytes(tree: Any, fsdp: Any) -> int:
+    """Bytes of an abstract tree per device (sharded leaves split ``n`` ways under FSDP)."""
+    shardings = fsdp.shardings(tree) if fsdp is not None else None
+    total = 0
+    leaves = jax.tree.leaves(tree)
+    specs = jax.tree.leaves(shardings) if shardings is not None else [None] * len(leaves)
+    for x, sh in zip(leaves, specs, strict=True):
+        n = int(np.prod(x.shape, dtype=np.int64)) * jnp.dtype(x.dtype).itemsize
+        if sh is not None and any(a is not None for a in sh.spec):
+            n //= fsdp.num_devices
+        total += n
+    return total
+
+
+def search(
+    planner: Planner,
+    base: MemorySettings,
+    budget: int,
+    batch_size: int,
+    *,
+    batch_given: bool = True,
+    fixed: Collection[str] = (),
+    grad_accum: int = 1,
+    show: Callable[[Row], None] | None = None,
+) -> tuple[Candidate | None, list[Row]]:
+    """The fastest candidate whose predicted peak fits ``usable_bytes(budget)``, and every row
+    considered on the way (``show`` is called with each as it is decided). ``fixed`` names
+    settings of :data:`SEARCHED` the user chose (see :func:`candidates`)."""
+    limit = usable_bytes(budget)
+    rows: list[Row] = []
+    for size in _batch_sizes(batch_size, batch_given, planner.n_devices):
+        failed: list[Candidate] = []
+        order = sorted(
+            candidates(base, size, planner.n_devices, fixed, grad_accum),
+            key=lambda c: expected_cost(c, planner.seq_len, planner.n_devices),
+        )
+        # The leanest candidates first (with and without accumulation: neither needs less
+        # memory in every respect): when they do not fit, nothing at this batch size does.
+        groups = ([c for c in order if c.grad_accum == 1], [c for c in order if c.grad_accum > 1])
+        leanest = [min(g, key=_memory_rank) for g in groups if g]
+        decided: dict[Candidate, Row] = {}
+        for c in leanest:
+            decided[c] = row = _decide(planner, c, limit, failed)
+            _record(rows, row, show)
+            if not row.fits:
+                failed.append(c)
+        if not any(decided[c].fits for c in leanest):
+            continue
+        for c in order:
+            row = decided.get(c) or _decide(planner, c, limit, failed)
+            if row is None:
+                continue
+            if c not in decided:
+                _record(rows, row, show)
+            if row.fits:
+                return c, rows
+            failed.append(c)
+    return None, rows
+
+
+def _record(rows: list[Row], row: Row, show: Callable[[Row], None] | None) -> None:
+    rows.append(row)
+    if show is not None:
+        show(row)
+
+
+def _batch_sizes(batch_size: int, given: bool, n_devices: int) -> Iterator[int]:
+    yield batch_size
+    if not given:
+        size = batch_size // 2
+        while size >= n_devices and size % n_devices == 0:
+            yield size
+            size //= 2
+
+
+def _decide(planner: Planner, c: Candidate, limit: int, failed: list[Candidate]) -> Row | None:
+    """A row for ``c``, or None when it is implied by a candidate that already did not fit."""
+    if any(_needs_at_least(c, f) for f in failed):
+        return None
+    floor = planner.state_bytes(c)
+    if floor > limit:
+        return Row(c, None, False, f"state + gradients alone need {floor / GiB:.2f} GiB")
+    peak, d = planner.predict(c)
+    parts = (
+        f"args {d['arguments'] / GiB:.2f} + out {d['outputs'] / GiB:.2f} + temp "
+        f"{d['temporaries'] / GiB:.2f} - aliased {d['aliased'] / GiB:.2f} GiB"
+    )
+    return Row(c, peak, peak <= limit, parts)
+
+
+def format_row(row: Row) -> str:
+    peak = "-" if row.peak is None else f"{row.peak / GiB:6.2f} GiB"
+    verdict = "fits" if row.fits else "too big"
+    return f"{row.candidate.describe():<58} {peak:>10}  {verdict:<7}  {row.why}"
+
+
+def header(budget: int) -> str:
+    limit = usable_bytes(budget)
+    return (
+        f"budget {budget / GiB:.2f} GiB, of which {limit / GiB:.2f} GiB for the step "
+        f"(peak = arguments + outputs + temporaries - aliased, compiled, per device)\n"
+        f"{'configuration':<58} {'peak':>10}  {'verdict':<7}  why"
+    )
+
+
+def describe_choice(c: Candidate) -> dict[str, Any]:
+    """The finetune settings of a chosen candidate (TrainConfig field names)."""
+    s = c.settings
+    return {
+        "remat": s.remat,
+        "optimizer": s.optimizer,
+        "opt_state_dtype": s.opt_state_dtype,
+        "loss_chunk": s.loss_chunk,
+        "batch_size": c.batch_size,
+        "grad_accum": c.grad_accum,
+    }

@@ -1,0 +1,179 @@
+"""One place that turns the memory settings of a run into a model, optimizer, loss and step.
+
+``gpt2jax finetune`` and ``gpt2jax plan`` both build their training step here, so what the
+planner compiles and measures is exactly what the run executes. The settings
+(:class:`MemorySettings`, also fields of :class:`gpt2jax.runs.TrainConfig`):
+
+==================  =========================================================================
+``remat``           ``none`` / ``dots`` / ``block`` (:class:`gpt2jax.model.GPT2`)
+``compute_dtype``   what matmuls run in; LayerNorm statistics, softmax, logits and the loss
+                    stay float32
+``param_dtype``     what the parameters are stored in (bfloat16: stochastic rounding of every
+                    update, :mod:`gpt2jax.layerwise`; with LoRA, the frozen base's dtype)
+``optimizer``       ``adamw`` / ``adafactor`` / ``sgd`` (:mod:`gpt2jax.optim`)
+``opt_state_dtype`` AdamW's moments / SGD's momentum in float32 or bfloat16 (:mod:`gpt2jax.lowp`)
+``loss_chunk``      0, or sequence positions per chunk of the loss (:mod:`gpt2jax.loss`)
+``lora_rank``       0, or train rank-r adapters only (:mod:`gpt2jax.lora`), ``lora_alpha``
+``freeze``          None, ``embeddings`` or ``top:N`` (:mod:`gpt2jax.freeze`)
+``parallel``        ``data`` (pmap, replicated state) or ``fsdp`` (:mod:`gpt2jax.sharding`)
+==================  =========================================================================
+
+The optimizer always runs layer by layer in place (:class:`gpt2jax.layerwise.Layerwise`), with
+global-norm clipping before it. What the train state holds: ``params`` are the trained numbers
+(the whole model, or the LoRA adapters), ``frozen`` the rest of the model that the loss reads
+but never differentiates (LoRA's base model; None otherwise).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from gpt2jax import freeze as freezing
+from gpt2jax import lora
+from gpt2jax.config import GPT2Config
+from gpt2jax.errors import ConfigError
+from gpt2jax.layerwise import Layerwise
+from gpt2jax.loss import LossFn, chain, make_token_losses
+from gpt2jax.model import GPT2, REMAT_POLICIES, param_shapes
+from gpt2jax.optim import make_optimizer
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+PARALLEL = ("data", "fsdp")
+
+
+@dataclasses.dataclass(frozen=True)
+class MemorySettings:
+    """How a run trades memory for speed (see the module docstring); defaults: all off."""
+
+    remat: str = "none"
+    compute_dtype: str = "float32"
+    param_dtype: str = "float32"
+    optimizer: str = "adamw"
+    opt_state_dtype: str = "float32"
+    loss_chunk: int = 0
+    lora_rank: int = 0
+    lora_alpha: float | None = None
+    freeze: str | None = None
+    parallel: str = "data"
+
+    @classmethod
+    def of(cls, settings: Any) -> MemorySettings:
+        """The memory settings of any object with these attributes (a ``TrainConfig``)."""
+        return cls(**{f.name: getattr(settings, f.name) for f in dataclasses.fields(cls)})
+
+    def validate(self) -> None:
+        """Raises :class:`ConfigError` naming the flag of an impossible setting."""
+        choices = {
+            "remat": REMAT_POLICIES,
+            "compute_dtype": tuple(DTYPES),
+            "param_dtype": tuple(DTYPES),
+            "opt_state_dtype": tuple(DTYPES),
+            "parallel": PARALLEL,
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(
+                    f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, "
+                    f"got {getattr(self, name)!r}"
+                )
+        if self.loss_chunk < 0:
+            raise ConfigError(f"--loss-chunk must be >= 0 (0: off), got {self.loss_chunk}")
+        if self.lora_rank < 0:
+            raise ConfigError(f"--lora-rank must be >= 0 (0: off), got {self.lora_rank}")
+        if self.lora_alpha is not None and self.lora_rank == 0:
+            raise ConfigError("--lora-alpha needs --lora-rank")
+        if self.lora_rank and self.freeze:
+            raise ConfigError("--freeze and --lora-rank exclude each other (LoRA freezes all)")
+        if self.optimizer == "adafactor" and self.opt_state_dtype != "float32":
+            raise ConfigError(
+                "--opt-state-dtype applies to adamw and sgd; adafactor's factored statistics "
+                "are already small and stay float32"
+            )
+
+
+@dataclasses.dataclass
+class Recipe:
+    """Everything a run builds from its settings."""
+
+    model: GPT2  # the module the loss runs (dropout as configured)
+    tx: Layerwise
+    loss_fn: LossFn
+    settings: MemorySettings
+    lora_scale: float | None
+
+    def split(self, params: Any, seed: int) -> tuple[Any, Any]:
+        """``(trained, frozen)`` parts of the starting model's parameters, in ``param_dtype``:
+        the model and None, or fresh LoRA adapters (always float32) and the base model (a
+        frozen base needs no float32 master copy: bfloat16 halves it)."""
+        dtype = DTYPES[self.settings.param_dtype]
+        params = jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
+        if self.settings.lora_rank:
+            return lora.init_lora(self.model.config, self.settings.lora_rank, seed), params
+        return params, None
+
+    def merged(self, params: Any, frozen: Any) -> Any:
+        """The full model a state's ``(params, frozen)`` stand for (LoRA merged in)."""
+        if self.settings.lora_rank:
+            return lora.merge_lora(frozen, params, self.lora_scale)
+        return params
+
+    def abstract_params(self, dtype: Any = None) -> tuple[Any, Any]:
+        """``(trained, frozen)`` as ``ShapeDtypeStruct``s (nothing allocated), the starting
+        model stored in ``dtype`` (default float32)."""
+        shapes = param_shapes(self.model.config)
+        if dtype is not None:
+            shapes = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), shapes)
+        return jax.eval_shape(lambda p: self.split(p, 0), shapes)
+
+
+def build(
+    config: GPT2Config,
+    settings: MemorySettings,
+    schedule: optax.Schedule,
+    *,
+    weight_decay: float = 0.01,
+    clip: float = 1.0,
+    extra_prepare: Any = None,
+) -> Recipe:
+    """The model, layer-by-layer optimizer and loss of ``settings``.
+
+    ``extra_prepare`` is one more :func:`gpt2jax.loss.make_token_losses` hook run after LoRA's
+    or freezing's (FSDP's, :func:`gpt2jax.sharding.make_prepare`).
+    """
+    settings.validate()
+    model = GPT2(
+        config,
+        dtype=DTYPES[settings.compute_dtype],
+        param_dtype=DTYPES[settings.param_dtype],
+        remat=settings.remat,
+    )
+    base = make_optimizer(
+        settings.optimizer,
+        schedule,
+        weight_decay=weight_decay,
+        clip=0.0,  # global-norm clipping is Layerwise's, before the per-layer loop
+        state_dtype=DTYPES[settings.opt_state_dtype],
+    )
+    prepares = []
+    scale = None
+    frozen_leaves: tuple[str, ...] = ()
+    trainable_layers = None
+    if settings.lora_rank:
+        scale = lora.lora_scale(settings.lora_rank, settings.lora_alpha)
+        prepares.append(lora.make_prepare(scale))
+    freeze = freezing.parse_freeze(settings.freeze, config)
+    if freeze is not None:
+        prepares.append(freezing.make_prepare(freeze))
+        frozen_leaves, trainable_layers = freeze.leaves, freeze.trainable_layers
+    if extra_prepare is not None:
+        prepares.append(extra_prepare)
+    tx = Layerwise(base, clip=clip, frozen=frozen_leaves, trainable_layers=trainable_layers)
+    loss_fn = make_token_losses(
+        model, loss_chunk=settings.loss_chunk, prepare=chain(*prepares) if prepares else None
+    )
+    return Recipe(model=model, tx=tx, loss_fn=loss_fn, settings=settings, lora_scale=scale)

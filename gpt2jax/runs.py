@@ -1,0 +1,308 @@
+"""Training run directories: the full configuration, checkpoints, metrics, samples.
+
+Layout::
+
+    runs/poems/
+      run.json            {"format": "gpt2jax-run", "format_version": 1,
+                           "config": {model shape}, "train": {every TrainConfig field}, ...}
+      encoder.json        the tokenizer files, copied from the starting model
+      vocab.bpe
+      checkpoints/<step>/ orbax CheckpointManager steps: params/ (the same format as a model
+                          directory's params/), opt_state/, meta/ (step, data position, RNG)
+      metrics.jsonl       one JSON object per step and per evaluation
+      samples.txt         text sampled every --sample-every steps
+      loss.png            the loss curve, written at the end (needs matplotlib)
+
+``run.json`` holds everything the run depends on, so ``gpt2jax finetune --resume RUN`` needs no
+other flag; ``checkpoint.detect`` calls such a directory ``"run"`` and :func:`latest_params`
+finds what ``gpt2jax.load`` restores from it: the newest checkpoint's parameters.
+
+Checkpoints are saved asynchronously by orbax, which writes each step under a temporary name and
+renames it when complete: a run killed at any moment (even mid-save) leaves only complete
+checkpoints, and the next ``CheckpointManager`` removes the leftovers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+import time
+from typing import Any
+
+from gpt2jax.checkpoint import TOKENIZER_FILES
+from gpt2jax.config import GPT2Config, read_json
+from gpt2jax.errors import CheckpointError, ConfigError, Gpt2JaxError
+
+FORMAT = "gpt2jax-run"
+FORMAT_VERSION = 1
+RUN_JSON = "run.json"
+CHECKPOINTS = "checkpoints"
+METRICS = "metrics.jsonl"
+SAMPLES = "samples.txt"
+PLOT = "loss.png"
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Every setting of a fine-tuning run (the CLI flags of ``gpt2jax finetune``).
+
+    ``batch_size`` is the global batch: windows per optimizer update, over all devices and
+    micro-batches together (``grad_accum`` splits it further, to save memory, without changing
+    the update). ``seq_len`` defaults to the model's context (at most 1024).
+    """
+
+    model: str | None = None  # the starting model directory...
+    init: str | None = None  # ...or a preset name (124M, ...): random weights, from scratch
+    data: list[str] = dataclasses.field(default_factory=list)
+    val_data: list[str] = dataclasses.field(default_factory=list)
+    val_fraction: float = 0.05
+    column: str | None = None
+    field: str | None = None
+    steps: int = 1000
+    batch_size: int = 8
+    grad_accum: int = 1
+    seq_len: int | None = None
+    lr: float = 1e-4
+    warmup: int = 0
+    schedule: str = "cosine"
+    optimizer: str = "adamw"
+    weight_decay: float = 0.01
+    clip: float = 1.0
+    dropout: float = 0.0
+    compute_dtype: str = "float32"
+    seed: int = 0
+    eval_every: int = 200
+    eval_batches: int = 16
+    sample_every: int = 500
+    sample_length: int = 64
+    sample_prompt: str = ""
+    save_every: int = 500
+    keep: int = 3
+    skip_nonfinite: bool = False
+
+    #: Fields a resumed run may change; anything else would make it a different run.
+    RESUMABLE = (
+        "steps",
+        "eval_every",
+        "eval_batches",
+        "sample_every",
+        "sample_length",
+        "sample_prompt",
+        "save_every",
+        "keep",
+        "skip_nonfinite",
+    )
+
+    def validate(self) -> None:
+        """Raises :class:`ConfigError` naming the flag when a setting is impossible."""
+        if (self.model is None) == (self.init is None):
+            raise ConfigError("give either a starting MODEL directory or --init SIZE, not both")
+        if not self.data:
+            raise ConfigError("no training data: pass --data FILE ...")
+        positive = ("steps", "batch_size", "grad_accum", "eval_batches", "sample_length", "keep")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(
+                    f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}"
+                )
+        for name in ("warmup", "eval_every", "sample_every", "save_every"):
+            if getattr(self, name) < 0:
+                raise ConfigError(
+                    f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}"
+                )
+        if self.seq_len is not None and self.seq_len < 1:
+            raise ConfigError(f"--seq-len must be >= 1, got {self.seq_len}")
+        if self.compute_dtype not in ("float32", "bfloat16"):
+            raise ConfigError(
+                f"--compute-dtype must be float32 or bfloat16, got {self.compute_dtype}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = RUN_JSON) -> TrainConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ConfigError(f"{source}: unknown training settings {', '.join(unknown)}")
+        return cls(**d)
+
+
+def write_json_atomic(path: str, data: Any) -> None:
+    """Writes JSON under a temporary name and renames it into place."""
+    fd, tmp = tempfile.mkstemp(prefix=".", suffix=".tmp", dir=os.path.dirname(path))
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def check_new_run(path: str) -> None:
+    """Refuses a directory that already holds a run or anything else."""
+    if os.path.exists(os.path.join(path, RUN_JSON)):
+        raise Gpt2JaxError(f"{path}: already holds a run; continue it with --resume {path}")
+    if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
+        raise Gpt2JaxError(f"{path}: exists and is not an empty directory; choose another --out")
+
+
+def create_run(
+    path: str, config: GPT2Config, train: TrainConfig, tokenizer_dir: str | None
+) -> None:
+    """Creates the run directory: ``run.json`` and the tokenizer files. Refuses a used one."""
+    check_new_run(path)
+    try:
+        os.makedirs(path, exist_ok=True)
+        if tokenizer_dir is not None:
+            for name in TOKENIZER_FILES:
+                src = os.path.join(tokenizer_dir, name)
+                if os.path.exists(src):
+                    shutil.copyfile(src, os.path.join(path, name))
+        write_run_json(path, config, train)
+    except OSError as e:
+        raise Gpt2JaxError(f"{path}: cannot create the run directory ({e.strerror})") from None
+
+
+def write_run_json(path: str, config: GPT2Config, train: TrainConfig) -> None:
+    from gpt2jax import __version__
+
+    write_json_atomic(
+        os.path.join(path, RUN_JSON),
+        {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "config": config.to_dict(),
+            "train": train.to_dict(),
+            "gpt2jax_version": __version__,
+            "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        },
+    )
+
+
+def read_run(path: str) -> tuple[GPT2Config, TrainConfig]:
+    """The model config and training settings recorded in ``path/run.json``."""
+    run_json = os.path.join(path, RUN_JSON)
+    if not os.path.exists(run_json):
+        raise CheckpointError(f"{path}: not a training run (no {RUN_JSON})")
+    data = read_json(run_json)
+    if data.get("format") != FORMAT:
+        raise CheckpointError(f'{run_json}: not a gpt2jax run (no "format": "{FORMAT}")')
+    if data.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{run_json}: format_version {data.get('format_version')!r} is not supported "
+            f"(this gpt2jax reads version {FORMAT_VERSION})"
+        )
+    config = GPT2Config.from_dict(data.get("config"), source=run_json)
+    return config, TrainConfig.from_dict(data.get("train") or {}, source=run_json)
+
+
+class Checkpoints:
+    """The run's orbax ``CheckpointManager``: items ``params``, ``opt_state`` and ``meta``."""
+
+    def __init__(self, run_path: str, keep: int) -> None:
+        import orbax.checkpoint as ocp
+
+        self._ocp = ocp
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep,
+            enable_async_checkpointing=True,
+            create=True,
+            cleanup_tmp_directories=True,  # what a killed save left behind
+        )
+        try:
+            self.manager = ocp.CheckpointManager(
+                os.path.join(os.path.abspath(run_path), CHECKPOINTS),
+                options=options,
+                item_names=("params", "opt_state", "meta"),
+            )
+        except OSError as e:
+            raise Gpt2JaxError(f"{run_path}: cannot write checkpoints ({e.strerror})") from None
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, params: Any, opt_state: Any, meta: dict[str, Any]) -> None:
+        """Starts an asynchronous save of ``step`` (the arrays must not be donated later)."""
+        args = self._ocp.args
+        self.manager.save(
+            step,
+            args=args.Composite(
+                params=args.StandardSave(params),
+                opt_state=args.StandardSave(opt_state),
+                meta=args.JsonSave(meta),
+            ),
+            force=True,
+        )
+
+    def restore(self, step: int, params: Any, opt_state: Any) -> tuple[Any, Any, dict[str, Any]]:
+        """``(params, opt_state, meta)`` of ``step``; ``params``/``opt_state`` give the structure
+        (abstract ``jax.ShapeDtypeStruct`` trees)."""
+        args = self._ocp.args
+        try:
+            out = self.manager.restore(
+                step,
+                args=args.Composite(
+                    params=args.StandardRestore(params),
+                    opt_state=args.StandardRestore(opt_state),
+                    meta=args.JsonRestore(),
+                ),
+            )
+        except Exception as e:
+            raise CheckpointError(
+                f"{self.manager.directory}/{step}: cannot restore ({type(e).__name__}: {e})"
+            ) from None
+        return out.params, out.opt_state, out.meta
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+def latest_step(path: str) -> int:
+    """The step of the newest complete checkpoint of the run in ``path``."""
+    ckpt_dir = os.path.join(path, CHECKPOINTS)
+    # orbax renames a step's directory to its bare number only once it is complete
+    steps = [int(n) for n in os.listdir(ckpt_dir) if n.isdigit()] if os.path.isdir(ckpt_dir) else []
+    if not steps:
+        raise CheckpointError(f"{path}: the run has no checkpoint yet (nothing to load)")
+    return max(steps)
+
+
+def restore_params(path: str, config: GPT2Config, step: int, dtype: Any = None) -> Any:
+    """The parameters of checkpoint ``step`` of a run, checked against ``config``.
+
+    Reads the ``params`` item with orbax's handler directly (a checkpoint manager's item
+    directory has no checkpoint-level metadata of its own).
+    """
+    import jax
+    import orbax.checkpoint as ocp
+    from etils import epath
+
+    from gpt2jax.convert.mapping import flatten, our_shapes
+
+    params_dir = epath.Path(path) / CHECKPOINTS / str(step) / "params"
+    handler = ocp.StandardCheckpointHandler()
+    try:
+        stored = handler.metadata(params_dir).tree
+        found = {k: tuple(v.shape) for k, v in flatten(stored).items()}
+        if found != our_shapes(config):
+            raise CheckpointError(
+                f"{params_dir}: parameters do not match the run's config in {RUN_JSON}"
+            )
+        abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, dtype or m.dtype), stored)
+        return handler.restore(params_dir, args=ocp.args.StandardRestore(abstract))
+    except CheckpointError:
+        raise
+    except Exception as e:
+        raise CheckpointError(f"{params_dir}: unreadable ({type(e).__name__}: {e})") from None
+    finally:
+        handler.close()

@@ -1,0 +1,285 @@
+"""The training step: pure, compiled once, data-parallel over devices with ``jax.pmap``.
+
+``make_train_step(model, tx, ...)`` returns ``train_step(state, batch) -> (state, metrics)``, a
+pure function of a :class:`TrainState` and a batch of token windows ``(A, b, T + 1)``: ``A``
+micro-batches of ``b`` windows each, whose gradients are accumulated by ``lax.scan`` (the
+gradient of their mean loss, so accumulation changes memory, not the maths). The loss is the mean
+token cross-entropy, computed in float32 from float32 logits even when the model computes in
+bfloat16 (Hugging Face's ``GPT2LMHeadModel`` loss; the tests compare loss and every gradient with
+``torch.autograd``). Dropout, when the model has any, draws from
+``fold_in(fold_in(fold_in(key, step), device), micro_batch)``, so it too is a pure function of
+the state and the step.
+
+:class:`DataParallel` runs it with ``jax.pmap`` over the local devices (on one device as on
+eight): the state is replicated, the global batch is split over the devices, and the gradients
+and metrics are averaged with ``lax.pmean`` over the named axis ``"data"``; every device then
+applies the same update. With the same global batch the result equals the single-device one up
+to float32 summation order (the tests check 8 fake CPU devices against 1).
+
+Several hosts (a TPU pod, several GPU machines): set ``GPT2JAX_DISTRIBUTED=1`` on every host
+(plus ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` where JAX cannot
+detect the cluster itself) and start the same command on each; :func:`initialize_distributed`
+then calls ``jax.distributed.initialize()``, each process feeds its own share of every global
+batch to its local devices, and ``pmean`` reduces over all devices of all hosts. (Written for,
+but not yet run on, several hosts: the tests cover one process with up to 8 devices.)
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from gpt2jax.errors import ConfigError
+from gpt2jax.model import GPT2
+from gpt2jax.progress import progress_bar
+
+AXIS = "data"
+# Dropout masks come from XLA's RngBitGenerator ("rbg"): deterministic on a given backend, and
+# far cheaper to compile and run than the default threefry for masks of every activation.
+DROPOUT_PRNG = "rbg"
+Metrics = dict[str, jax.Array]
+
+
+class TrainState(flax.struct.PyTreeNode):
+    """Everything a step changes: ``step`` (updates done), ``params``, ``opt_state``, ``rng``."""
+
+    step: jax.Array  # () int32
+    params: Any
+    opt_state: Any
+    rng: jax.Array  # (4,) uint32: the dropout key's data ("rbg"), fixed for the whole run
+
+    @classmethod
+    def create(cls, params: Any, tx: optax.GradientTransformation, seed: int) -> TrainState:
+        params = jax.tree.map(jnp.asarray, params)
+        return cls(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            opt_state=tx.init(params),
+            rng=jax.random.key_data(jax.random.key(seed, impl=DROPOUT_PRNG)),
+        )
+
+
+def token_losses(model: GPT2, params: Any, windows: jax.Array, rng: jax.Array | None = None):
+    """Cross-entropy of every next-token prediction, ``(B, T)`` float32.
+
+    ``windows`` are ``(B, T + 1)`` token ids: the first ``T`` are the inputs, the last ``T`` the
+    targets. ``rng`` (a key) turns dropout on.
+    """
+    inputs, targets = windows[:, :-1], windows[:, 1:]
+    rngs = None if rng is None else {"dropout": rng}
+    logits = model.apply({"params": params}, inputs, deterministic=rng is None, rngs=rngs)
+    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+
+
+def make_train_step(
+    model: GPT2,
+    tx: optax.GradientTransformation,
+    *,
+    schedule: optax.Schedule | None = None,
+    skip_nonfinite: bool = False,
+    axis_name: str | None = None,
+) -> Callable[[TrainState, jax.Array], tuple[TrainState, Metrics]]:
+    """The pure training step (not yet compiled; see :class:`DataParallel`).
+
+    Args:
+        model: the module; dropout is on when ``model.config.dropout > 0``.
+        tx: the optimizer (clipping included).
+        schedule: the learning rate schedule inside ``tx``, reported as ``metrics["lr"]``.
+        skip_nonfinite: when the loss or gradient norm is NaN/inf, keep the params and optimizer
+            state unchanged (the step counter still advances); otherwise the update is applied
+            and the caller is expected to stop on ``metrics["finite"] == False``.
+        axis_name: the pmapped axis to average gradients and metrics over (None: one device).
+
+    Returns ``train_step(state, batch (A, b, T + 1) int32) -> (state, metrics)`` with metrics
+    ``loss`` (mean over the global batch), ``grad_norm`` (before clipping), ``finite`` and, given
+    the ``schedule``, ``lr``.
+    """
+    use_dropout = model.config.dropout > 0
+
+    def train_step(state: TrainState, batch: jax.Array) -> tuple[TrainState, Metrics]:
+        accum = batch.shape[0]
+        key = None
+        if use_dropout:
+            key = jax.random.wrap_key_data(state.rng, impl=DROPOUT_PRNG)
+            key = jax.random.fold_in(key, state.step)
+            if axis_name is not None:
+                key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
+
+        def loss_and_grads(windows: jax.Array, micro: jax.Array) -> tuple[jax.Array, Any]:
+            rng = None if key is None else jax.random.fold_in(key, micro)
+            return jax.value_and_grad(lambda p: token_losses(model, p, windows, rng).mean())(
+                state.params
+            )
+
+        if accum == 1:
+            loss, grads = loss_and_grads(batch[0], jnp.int32(0))
+        else:
+
+            def body(carry, xs):
+                loss_sum, grad_sum = carry
+                loss, grads = loss_and_grads(*xs)
+                return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
+
+            zeros = jax.tree.map(jnp.zeros_like, state.params)
+            init = (jnp.zeros((), jnp.float32), zeros)
+            (loss, grads), _ = jax.lax.scan(body, init, (batch, jnp.arange(accum)))
+            loss, grads = loss / accum, jax.tree.map(lambda g: g / accum, grads)
+        if axis_name is not None:
+            loss, grads = jax.lax.pmean((loss, grads), axis_name)
+
+        grad_norm = optax.tree.norm(grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        if skip_nonfinite:
+            params, opt_state = jax.tree.map(
+                lambda new, old: jnp.where(finite, new, old),
+                (params, opt_state),
+                (state.params, state.opt_state),
+            )
+        metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite}
+        if schedule is not None:
+            metrics["lr"] = jnp.asarray(schedule(state.step), jnp.float32)
+        state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+        return state, metrics
+
+    return train_step
+
+
+def make_eval_step(model: GPT2, axis_name: str | None = None) -> Callable[..., Metrics]:
+    """``eval_step(params, windows (N, T+1), weights (N, T)) -> {"loss_sum", "count"}``.
+
+    Sums (over the devices too) of the weighted token losses and of the weights, so that any
+    number of batches combine into one exact mean.
+    """
+
+    def eval_step(params: Any, windows: jax.Array, weights: jax.Array) -> Metrics:
+        losses = token_losses(model, params, windows)
+        out = {"loss_sum": (losses * weights).sum(), "count": weights.sum()}
+        return out if axis_name is None else jax.lax.psum(out, axis_name)
+
+    return eval_step
+
+
+def initialize_distributed() -> None:
+    """``jax.distributed.initialize()`` when ``GPT2JAX_DISTRIBUTED=1`` (once per process)."""
+    if os.environ.get("GPT2JAX_DISTRIBUTED") == "1" and not jax.distributed.is_initialized():
+        jax.distributed.initialize()
+
+
+class DataParallel:
+    """Data parallelism with ``jax.pmap`` over this process's devices.
+
+    The state is replicated: every leaf is one array with a full copy on each device
+    (``in_axes=None``, sharding ``PartitionSpec()``), not a stack of copies on a leading device
+    axis; the step's outputs come back the same way (``out_axes=None``: after ``pmean`` every
+    device holds the same values). Kept unstacked, the donated state aliases the new state in
+    place, as under a plain ``jit``; a stacked state makes XLA copy the optimizer moments
+    every step (measured: 124M-width, 1 layer, CPU: 0.88 s per step vs 1.21 s stacked, 0.92 s
+    plain ``jit``).
+
+    A global batch of ``B`` windows is split by process (rows ``[p B / P, (p + 1) B / P)``),
+    then by device, then into ``A`` micro-batches: device ``d`` gets ``(A, B / (P D A), T+1)``.
+    """
+
+    def __init__(self, devices: list[Any] | None = None) -> None:
+        self.devices = list(devices) if devices is not None else jax.local_devices()
+        self.num_devices = len(self.devices)
+        self.process_index = jax.process_index()
+        self.process_count = jax.process_count()
+        mesh = Mesh(np.array(self.devices), (AXIS,))
+        self.sharding = NamedSharding(mesh, PartitionSpec(AXIS))  # batches: split
+        self.replicated = NamedSharding(mesh, PartitionSpec())  # state: a copy on each device
+        # pmap takes an explicit device list only within one process.
+        self._pmap_devices = self.devices if self.process_count == 1 else None
+
+    def check_batch(self, batch_size: int, grad_accum: int) -> int:
+        """Windows per device per micro-batch; a clear error if ``batch_size`` does not split."""
+        parts = self.process_count * self.num_devices * grad_accum
+        if batch_size <= 0 or grad_accum <= 0 or batch_size % parts:
+            raise ConfigError(
+                f"--batch-size {batch_size} must be a positive multiple of processes "
+                f"({self.process_count}) x devices ({self.num_devices}) x --grad-accum "
+                f"({grad_accum}) = {parts}"
+            )
+        return batch_size // parts
+
+    def process_rows(self, batch_size: int) -> slice:
+        """This process's rows of a global batch."""
+        share = batch_size // self.process_count
+        return slice(self.process_index * share, (self.process_index + 1) * share)
+
+    def compile_train_step(self, train_step: Callable) -> Callable:
+        """pmapped over the ``"data"`` axis: state replicated and donated, batch split."""
+        return jax.pmap(
+            train_step, AXIS, in_axes=(None, 0), out_axes=None, devices=self._pmap_devices,
+            donate_argnums=(0,),
+        )  # fmt: skip
+
+    def compile_eval_step(self, eval_step: Callable) -> Callable:
+        """pmapped: params replicated, windows and weights split, the sums replicated."""
+        return jax.pmap(
+            eval_step, AXIS, in_axes=(None, 0, 0), out_axes=None, devices=self._pmap_devices
+        )
+
+    def replicate(self, tree: Any) -> Any:
+        """Every leaf copied to each device (one array, replicated sharding).
+
+        Always a copy, never the caller's buffers: the train step donates (deletes) its input.
+        """
+        return jax.tree.map(lambda x: jax.device_put(x, self.replicated, may_alias=False), tree)
+
+    def unreplicate(self, tree: Any) -> Any:
+        """The first device's copy of every leaf (a fresh array, safe from later donation)."""
+        return jax.tree.map(lambda x: jnp.array(x.addressable_shards[0].data, copy=True), tree)
+
+    def shard(self, rows: np.ndarray, grad_accum: int = 1) -> jax.Array:
+        """This process's rows ``(n, ...)`` as ``(devices, grad_accum, n / (devices A), ...)``."""
+        d = self.num_devices
+        split = rows.reshape(d, grad_accum, rows.shape[0] // (d * grad_accum), *rows.shape[1:])
+        return jax.device_put(split, self.sharding)
+
+    def evaluate(
+        self,
+        eval_step: Callable,
+        params: Any,
+        windows: np.ndarray,
+        weights: np.ndarray,
+        per_device: int,
+        show_progress: bool = False,
+    ) -> tuple[float, float]:
+        """``(mean loss, tokens)`` of ``windows`` with the pmapped ``eval_step``, in batches.
+
+        ``params`` are replicated. Every process passes the same windows and evaluates its
+        share; padding windows (weight 0) fill the last batch.
+        """
+        chunk = per_device * self.num_devices * self.process_count
+        n = -(-len(windows) // chunk) * chunk
+        windows = np.concatenate(
+            [windows, np.zeros((n - len(windows), *windows.shape[1:]), windows.dtype)]
+        )
+        weights = np.concatenate(
+            [weights, np.zeros((n - len(weights), *weights.shape[1:]), weights.dtype)]
+        )
+        loss_sum, count = 0.0, 0.0
+        with progress_bar(n // chunk, "evaluating", unit="batch", enabled=show_progress) as bar:
+            for i in range(0, n, chunk):
+                rows = self.process_rows(chunk)
+                w = windows[i : i + chunk][rows].reshape(self.num_devices, per_device, -1)
+                m = weights[i : i + chunk][rows].reshape(self.num_devices, per_device, -1)
+                out = eval_step(
+                    params, jax.device_put(w, self.sharding), jax.device_put(m, self.sharding)
+                )
+                out = jax.device_get(out)
+                loss_sum += float(out["loss_sum"])
+                count += float(out["count"])
+                bar.update(1)
+        return loss_sum / max(count, 1.0), count

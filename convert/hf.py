@@ -241,6 +241,7 @@ def read_hf_dir(
 
     mapping.check_names(set(named), config, "hf", source)
     mapping.check_shapes({k: v.shape for k, v in named.items()}, config, "hf", source, config_path)
+    mapping.check_float({k: v.dtype for k, v in named.items()}, source)
     if lm_head is not None:
         wte = named["wte.weight"]
         if lm_head.shape != wte.shape or not np.array_equal(lm_head.read(), wte.read()):
@@ -268,6 +269,7 @@ class _Tensor(NamedTuple):
     read: Callable[[], np.ndarray]
     shape: tuple[int, ...]
     nbytes: int
+    dtype: str  # numpy's name for it: "float32", "bfloat16", "int64"...
 
 
 def weight_files(path: str) -> tuple[str, list[str]]:
@@ -299,7 +301,8 @@ def _open_weights(path: str) -> tuple[dict[str, _Tensor], str]:
         if kind == "safetensors":
             st = SafetensorsFile(file)
             entries = {
-                n: _Tensor(_reader(st.get, n), st.shape(n), st.get(n).nbytes) for n in st.names()
+                n: _Tensor(_reader(st.get, n), st.shape(n), st.get(n).nbytes, st.dtype(n).name)
+                for n in st.names()
             }
         else:
             from gpt2jax.convert.torch_bin import load_state_dict, to_numpy
@@ -310,6 +313,7 @@ def _open_weights(path: str) -> tuple[dict[str, _Tensor], str]:
                     _reader(lambda k, s=state: to_numpy(s[k]), n),
                     tuple(t.shape),
                     t.numel() * t.element_size(),
+                    str(t.dtype).removeprefix("torch."),
                 )
                 for n, t in state.items()
             }

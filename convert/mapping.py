@@ -118,6 +118,16 @@ def check_shapes(
             )
 
 
+def check_float(dtypes: Mapping[str, str], source: str) -> None:
+    """Raises a clear error when a tensor is not floating point (``dtypes``: numpy names, e.g.
+    ``"int32"``): GPT-2's weights are floats, and casting integers would pass silently."""
+    for name, dtype in sorted(dtypes.items()):
+        if "float" not in dtype:  # float16/32/64, bfloat16, float8_*
+            raise CheckpointError(
+                f"{source}: tensor {name} has dtype {dtype}; GPT-2 weights are floating point"
+            )
+
+
 def from_theirs(
     get: Callable[[str], np.ndarray],
     config: GPT2Config,

@@ -70,6 +70,7 @@ def read_openai_dir(
         mapping.check_names(names, config, "openai", source)
         shapes = {n: reader.shape(n) for n in names}
         mapping.check_shapes(shapes, config, "openai", source, hparams_path)
+        mapping.check_float({n: reader.dtype(n).name for n in names}, source)
         total = sum(int(np.prod(s)) * reader.dtype(n).itemsize for n, s in shapes.items())
         with progress_bar(total, "converting", unit="B", enabled=show_progress) as bar:
             params = mapping.from_theirs(reader.read, config, "openai", dtype, bar.update)
@@ -85,8 +86,11 @@ def convert_openai_dir(
     show_progress: bool = False,
 ) -> GPT2Config:
     """Converts an OpenAI checkpoint directory into a gpt2jax model directory at ``dst``."""
-    from gpt2jax.checkpoint import save_model_dir
+    from gpt2jax.checkpoint import TOKENIZER_FILES, save_model_dir
+    from gpt2jax.tokenizer import Tokenizer
 
+    if any(os.path.exists(os.path.join(src, name)) for name in TOKENIZER_FILES):
+        Tokenizer.from_dir(src)  # files that disagree are refused now, not when loading DST
     config, params = read_openai_dir(src, dtype=dtype, show_progress=show_progress)
     save_model_dir(
         dst,

@@ -6,13 +6,25 @@ Public API::
     m = gpt2jax.load("ckpt/124M")                 # or an OpenAI checkpoint directory
     logits = m.logits(m.encode("Hello world"))    # (T, 50257) float32
     gpt2jax.GPT2(m.config).apply({"params": m.params}, ids)   # the plain Flax module
+
+Every name in ``__all__`` is documented. The rest of the library lives in its modules, each with
+the same care: :func:`gpt2jax.finetune.finetune` (the training loop), :func:`gpt2jax.evaluate.
+evaluate`, :func:`gpt2jax.download.download`, :mod:`gpt2jax.plan` (what fits in memory),
+:mod:`gpt2jax.decoding` (the sampler's pure functions). README.md is the user guide.
 """
 
+from gpt2jax.checkpoint import save_model_dir
 from gpt2jax.config import PRESETS, GPT2Config, get_preset
+from gpt2jax.convert.hf import convert_hf_dir, export_hf
+from gpt2jax.convert.openai_export import export_openai
+from gpt2jax.convert.openai_tf import convert_openai_dir
 from gpt2jax.errors import CheckpointError, ConfigError, DataError, Gpt2JaxError
+from gpt2jax.finetune import FinetuneResult, NonFiniteLossError
 from gpt2jax.generate import Generation, generate
+from gpt2jax.hub import resolve_model
 from gpt2jax.model import GPT2, GPT2Output, KVCache, init_params, param_shapes
 from gpt2jax.pretrained import Pretrained, load
+from gpt2jax.runs import TrainConfig
 from gpt2jax.tokenizer import Tokenizer
 
 __version__ = "0.1.0"
@@ -23,16 +35,25 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "DataError",
+    "FinetuneResult",
     "GPT2Config",
     "GPT2Output",
     "Generation",
     "Gpt2JaxError",
     "KVCache",
+    "NonFiniteLossError",
     "Pretrained",
     "Tokenizer",
+    "TrainConfig",
+    "convert_hf_dir",
+    "convert_openai_dir",
+    "export_hf",
+    "export_openai",
     "get_preset",
     "generate",
     "init_params",
     "load",
     "param_shapes",
+    "resolve_model",
+    "save_model_dir",
 ]

@@ -112,24 +112,29 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if streaming and args.include_prompt and isinstance(prompts, str):
         sys.stdout.write(prompts)
     start = time.perf_counter()
-    samples = generate(
-        model,
-        prompts,
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        greedy=args.greedy,
-        seed=args.seed,
-        num_samples=args.num_samples,
-        batch_size=args.batch_size,
-        stop_at_eot=args.stop_at_eot,
-        stop=args.stop,
-        include_prompt=args.include_prompt,
-        truncate_prompt=args.truncate_prompt,
-        on_token=on_token if streaming else None,
-        show_progress=not streaming,
-    )
+    try:
+        samples = generate(
+            model,
+            prompts,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            greedy=args.greedy,
+            seed=args.seed,
+            num_samples=args.num_samples,
+            batch_size=args.batch_size,
+            stop_at_eot=args.stop_at_eot,
+            stop=args.stop,
+            include_prompt=args.include_prompt,
+            truncate_prompt=args.truncate_prompt,
+            on_token=on_token if streaming else None,
+            show_progress=not streaming,
+        )
+    except Gpt2JaxError as e:
+        if args.prompt_file and str(e).startswith("prompt "):  # name the file it came from
+            raise Gpt2JaxError(f"{args.prompt_file}: {e}") from None
+        raise
     seconds = time.perf_counter() - start
     if streaming:
         print()

@@ -23,8 +23,9 @@ def add_memory_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> 
 
     dtypes = tuple(DTYPES)
     flags = (
-        ("--remat", dict(choices=REMAT_POLICIES), "recompute activations in the backward "
-         "pass: none, dots (keep matmul outputs) or block (keep each block's input)"),
+        ("--remat", dict(choices=REMAT_POLICIES, type=_remat), "recompute activations in "
+         "the backward pass: none, dots (keep matmul outputs) or block (keep each block's "
+         "input; 'full' is accepted for it)"),
         ("--optimizer", dict(choices=OPTIMIZERS), "adamw, adafactor or sgd (momentum 0.9)"),
         ("--opt-state-dtype", dict(choices=dtypes), "AdamW's moments / SGD's momentum dtype"),
         ("--param-dtype", dict(choices=dtypes), "dtype the parameters are stored in"),
@@ -49,6 +50,11 @@ def add_memory_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> 
         if default not in (None, 0) and "default:" not in text:
             text = f"{text} (default: {default})"
         p.add_argument(flag, dest=name, help=text, **kwargs)
+
+
+def _remat(name: str) -> str:
+    """``--remat full`` (everything inside a block recomputed) is ``block``."""
+    return "block" if name == "full" else name
 
 
 def model_config(path: str) -> GPT2Config:

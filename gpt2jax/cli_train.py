@@ -13,7 +13,9 @@ import json
 import logging
 import os
 import sys
+from typing import Any
 
+from gpt2jax.cli_plan import add_memory_flags
 from gpt2jax.errors import ConfigError
 
 # (flag, TrainConfig field, type, help); defaults come from TrainConfig.
@@ -68,6 +70,14 @@ def add_finetune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--schedule", choices=SCHEDULES, help=f"(default: {defaults.schedule})")
     p.add_argument("--optimizer", choices=OPTIMIZERS, help=f"(default: {defaults.optimizer})")
     p.add_argument("--compute-dtype", choices=("float32", "bfloat16"), help="(default: float32)")
+    add_memory_flags(p, skip=("optimizer", "compute_dtype"))
+    p.add_argument(
+        "--memory",
+        metavar="SIZE",
+        help="device memory, e.g. 16GB: choose the fastest remat / optimizer state / "
+        "micro-batches / loss chunking whose training step fits (flags given stay fixed; "
+        "see `gpt2jax plan`)",
+    )
     p.add_argument(
         "--skip-nonfinite",
         action="store_const",
@@ -91,6 +101,8 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
 
     log_to_stderr()
     cache_compiled_code()
+    if not (args.debug or os.environ.get("GPT2JAX_DEBUG") == "1"):
+        quiet_background_errors()
     given = _given(args)
     if args.resume:
         if args.model or args.data or args.out or args.val_data:
@@ -99,6 +111,8 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     else:
         if not args.out:
             raise ConfigError("--out RUN is required (the run directory to create)")
+        if args.memory:
+            given.update(_planned(args, given))
         train = TrainConfig(
             model=args.model, data=args.data or [], val_data=args.val_data or [], **given
         )
@@ -112,6 +126,40 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         parts.append(f"validation loss {result.val_loss:.4f}")
     print(f"finished {result.run_dir}: {', '.join(parts)}")
     return 0
+
+
+def _planned(args: argparse.Namespace, given: dict) -> dict:
+    """The settings ``--memory`` chooses (:func:`gpt2jax.plan.search`), the table on stderr."""
+    from gpt2jax.cli_plan import make_planner, model_config, settings_from_args
+    from gpt2jax.config import get_preset
+    from gpt2jax.plan import describe_choice, format_row, header, parse_memory, search
+    from gpt2jax.runs import TrainConfig
+
+    if not (args.model or args.init):
+        return {}  # TrainConfig.validate says what is missing
+    budget = parse_memory(args.memory)
+    config = get_preset(args.init) if args.init else model_config(args.model)
+    base, fixed = settings_from_args(args)
+    fixed |= {"grad_accum"} & set(given)
+    defaults = TrainConfig()
+    seq_len = min(given.get("seq_len") or 1024, config.n_ctx)
+    planner = make_planner(config, seq_len, base)
+    print(header(budget), file=sys.stderr, flush=True)
+    chosen, _ = search(
+        planner, base, budget, given.get("batch_size", defaults.batch_size),
+        batch_given="batch_size" in given, fixed=fixed,
+        grad_accum=given.get("grad_accum", defaults.grad_accum),
+        show=lambda row: print(format_row(row), file=sys.stderr, flush=True),
+    )  # fmt: skip
+    if chosen is None:
+        raise ConfigError(
+            f"--memory {args.memory}: no configuration fits (see `gpt2jax plan`); try "
+            "--lora-rank, --param-dtype bfloat16, a shorter --seq-len or --parallel fsdp"
+        )
+    choice = describe_choice(chosen)
+    print("chosen: " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in choice.items()),
+          file=sys.stderr)  # fmt: skip
+    return {**choice, "memory": args.memory}
 
 
 def add_eval(sub: argparse._SubParsersAction) -> None:
@@ -167,6 +215,29 @@ def log_to_stderr() -> None:
         logger.addHandler(_TqdmHandler())
         logger.setLevel(logging.INFO)
         logger.propagate = False
+
+
+def quiet_background_errors() -> None:
+    """Hides what orbax's threads print when an asynchronous save fails (absl and asyncio error
+    records, and "exception ignored" reports from its coroutines and from TensorStore calling
+    back into its closed event loop: hundreds of traceback lines for one full disk). The failure
+    itself is raised again by the next save and reported as one line
+    (:class:`gpt2jax.runs.Checkpoints`). ``--debug`` keeps them all."""
+    for name in ("absl", "asyncio"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    sys.unraisablehook = _unraisable_unless_orbax
+
+
+def _unraisable_unless_orbax(unraisable: Any) -> None:
+    import traceback
+
+    files = [f.filename for f in traceback.extract_tb(unraisable.exc_traceback)]
+    code = getattr(unraisable.object, "cr_code", None)  # an orbax coroutine never awaited
+    if code is not None:
+        files.append(code.co_filename)
+    if "Event loop is closed" in str(unraisable.exc_value) or any("orbax" in f for f in files):
+        return
+    sys.__unraisablehook__(unraisable)
 
 
 def cache_compiled_code() -> None:

@@ -326,9 +326,11 @@ def _csv_documents(path: str, column: str | None, counter: dict[str, int]) -> It
             header = next(reader, None)
             if header is None:
                 return
+            # the first few names: a header can be megabytes long, an error stays one short line
+            names = (", ".join(header[:10]) + (", ..." if len(header) > 10 else ""))[:300]
             if column is not None:
                 if column not in header:
-                    raise DataError(f"{path}: no column {column!r} (columns: {', '.join(header)})")
+                    raise DataError(f"{path}: no column {column[:100]!r} (columns: {names})")
                 index = header.index(column)
             elif len(header) == 1:
                 index = 0
@@ -336,7 +338,7 @@ def _csv_documents(path: str, column: str | None, counter: dict[str, int]) -> It
                 index = header.index("text")
             else:
                 raise DataError(
-                    f"{path}: {len(header)} columns ({', '.join(header)}); choose one with --column"
+                    f"{path}: {len(header)} columns ({names}); choose one with --column"
                 )
             for row in reader:
                 if index < len(row):

@@ -1,13 +1,16 @@
 """The fine-tuning loop behind ``gpt2jax finetune``: ``finetune(out, TrainConfig(...))``.
 
-One run: tokenize the data once (:mod:`gpt2jax.data`), build the optimizer
-(:mod:`gpt2jax.optim`), compile the pmapped step (:mod:`gpt2jax.train`), then loop. The loop
+One run: tokenize the data once (:mod:`gpt2jax.data`), build the model, optimizer and loss from
+the run's memory settings (:mod:`gpt2jax.recipe`: remat, dtypes, optimizer state, chunked loss,
+LoRA, freezing), compile the step, pmapped (:mod:`gpt2jax.train`) or sharded with
+``--parallel fsdp`` (:mod:`gpt2jax.sharding`), then loop. The loop
 never waits for the device just to log: it dispatches step ``k`` and then reads step ``k - 1``'s
 metrics, which are ready by then, so the device always has the next step queued; batches are
 prepared on a background thread (:class:`gpt2jax.batches.Prefetcher`).
 
 Every ``save_every`` steps, at the end, and on Ctrl-C / SIGTERM, the params, optimizer state,
-step, data position and RNG are checkpointed (asynchronously; :mod:`gpt2jax.runs`). Because the
+step, data position and RNG are checkpointed (asynchronously; :mod:`gpt2jax.runs`); a LoRA run
+checkpoints its adapters, and loads as the base model with them merged in. Because the
 batches and the dropout keys are pure functions of ``(seed, step)``, ``finetune(out,
 resume=True)`` continues exactly: N steps straight give bitwise the parameters of N/2 steps,
 a resume, and N/2 more (float32 on CPU; the tests check it).
@@ -36,15 +39,15 @@ import numpy as np
 
 from gpt2jax import runs
 from gpt2jax.batches import Prefetcher, WindowSampler, eval_windows, spread
-from gpt2jax.checkpoint import DTYPES
 from gpt2jax.config import GPT2Config, get_preset
 from gpt2jax.data import check_vocab, load_tokens, split_tail
 from gpt2jax.errors import ConfigError, DataError, Gpt2JaxError
 from gpt2jax.hub import resolve_model
 from gpt2jax.metrics import MetricsLog, plot_losses
-from gpt2jax.model import GPT2, init_params, param_shapes
-from gpt2jax.optim import learning_rate_schedule, make_optimizer
+from gpt2jax.model import init_params
+from gpt2jax.optim import learning_rate_schedule
 from gpt2jax.progress import progress_bar
+from gpt2jax.recipe import MemorySettings, build
 from gpt2jax.runs import TrainConfig
 from gpt2jax.tokenizer import Tokenizer
 from gpt2jax.train import (
@@ -157,6 +160,7 @@ def _resolve_seq_len(train: TrainConfig, config: GPT2Config) -> TrainConfig:
 
 def _resumed_settings(out: str, overrides: dict[str, Any]) -> tuple[GPT2Config, TrainConfig]:
     config, train = runs.read_run(out)
+    runs.check_writable(out)  # before the data and the compiler take their time
     fixed = sorted(k for k in overrides if k not in TrainConfig.RESUMABLE)
     if fixed:
         flags = ", ".join("--" + k.replace("_", "-") for k in fixed)
@@ -218,7 +222,12 @@ class _Run:
         show_progress: bool,
     ) -> None:
         self.out, self.config, self.train, self.tokenizer = out, config, train, tokenizer
-        self.dp = DataParallel()
+        if train.parallel == "fsdp":
+            from gpt2jax.sharding import FSDP
+
+            self.dp = FSDP()
+        else:
+            self.dp = DataParallel()
         self.primary = self.dp.process_index == 0
         self.show_progress = show_progress and self.primary
         self.per_device = self.dp.check_batch(train.batch_size, train.grad_accum)
@@ -265,19 +274,32 @@ class _Run:
         )  # fmt: skip
 
     def _setup_model(self) -> None:
+        """Model, optimizer and loss from the run's memory settings (:mod:`gpt2jax.recipe`)."""
         t, config = self.train, self.config
-        dtype = DTYPES[t.compute_dtype]
-        model = GPT2(dataclasses.replace(config, dropout=t.dropout), dtype=dtype)
-        self.eval_model = GPT2(dataclasses.replace(config, dropout=0.0), dtype=dtype)
         self.schedule = learning_rate_schedule(t.lr, t.warmup, t.steps, t.schedule)
-        self.tx = make_optimizer(
-            t.optimizer, self.schedule, weight_decay=t.weight_decay, clip=t.clip
-        )
+        settings = MemorySettings.of(t)
+        extra = None
+        if settings.parallel == "fsdp":
+            from gpt2jax.sharding import make_prepare
+
+            extra = make_prepare(self.dp.mesh)
+
+        def recipe(dropout: float):
+            return build(
+                dataclasses.replace(config, dropout=dropout), settings, self.schedule,
+                weight_decay=t.weight_decay, clip=t.clip, extra_prepare=extra,
+            )  # fmt: skip
+
+        self.recipe, evaluation = recipe(t.dropout), recipe(0.0)
+        self.eval_model, self.tx = evaluation.model, self.recipe.tx
+        axis = AXIS if settings.parallel == "data" else None
         step = make_train_step(
-            model, self.tx, schedule=self.schedule, skip_nonfinite=t.skip_nonfinite, axis_name=AXIS
-        )
+            self.recipe.model, self.tx, loss_fn=self.recipe.loss_fn, schedule=self.schedule,
+            skip_nonfinite=t.skip_nonfinite, axis_name=axis,
+        )  # fmt: skip
         self.p_train_step = self.dp.compile_train_step(step)
-        self.p_eval_step = self.dp.compile_eval_step(make_eval_step(self.eval_model, AXIS))
+        eval_step = make_eval_step(self.eval_model, axis, loss_fn=evaluation.loss_fn)
+        self.p_eval_step = self.dp.compile_eval_step(eval_step)
 
     def start_state(self, params: Any, resume: bool) -> None:
         """Puts the train state on the devices: the latest checkpoint's when resuming (if there
@@ -289,7 +311,9 @@ class _Run:
             t = self.train
             if params is None:
                 params = _initial_params(t, self.config)
-            self.state = self.dp.replicate(TrainState.create(params, self.tx, t.seed))
+            trained, frozen = self.recipe.split(params, t.seed)
+            state = TrainState.create(trained, self.tx, t.seed, frozen=frozen)
+            self.state = self.dp.replicate(state)
             self.start = 0
 
     def _restore(self) -> int | None:
@@ -297,9 +321,14 @@ class _Run:
         step = self.ckpts.latest_step()
         if step is None:
             return None
-        shapes = param_shapes(self.config)
+        shapes, _ = self.recipe.abstract_params()
         opt_shapes = jax.eval_shape(self.tx.init, shapes)
+        if self.train.parallel == "fsdp":  # restored straight into its shards
+            shapes, opt_shapes = self.dp.abstract(shapes), self.dp.abstract(opt_shapes)
         params, opt_state, meta = self.ckpts.restore(step, shapes, opt_shapes)
+        frozen = None
+        if self.train.lora_rank:  # the base model is not checkpointed: it never changes
+            frozen = self.recipe.split(_initial_params(self.train, self.config), 0)[1]
         if meta.get("data_key") != self.data_key:
             log.warning(
                 "%s: the training data changed since step %d was saved; the run continues on "
@@ -310,6 +339,7 @@ class _Run:
             params=params,
             opt_state=opt_state,
             rng=jnp.asarray(meta["rng"], jnp.uint32),
+            frozen=frozen,
         )
         self.state = self.dp.replicate(state)
         log.info("resuming %s from step %d", self.out, step)
@@ -421,8 +451,8 @@ class _Run:
 
     def _evaluate(self, step: int) -> None:
         loss, count = self.dp.evaluate(
-            self.p_eval_step, self.state.params, self.val_windows, self.val_weights,
-            self.per_device,
+            self.p_eval_step, (self.state.params, self.state.frozen), self.val_windows,
+            self.val_weights, self.per_device,
         )  # fmt: skip
         self.val_loss = loss
         ppl = math.exp(min(loss, 700.0))
@@ -438,7 +468,7 @@ class _Run:
         t = self.train
         model = Pretrained(
             config=self.config,
-            params=self.dp.unreplicate(self.state.params),
+            params=self.recipe.merged(*self.dp.unreplicate((self.state.params, self.state.frozen))),
             tokenizer=self.tokenizer,
             path=self.out,
             kind="run",
@@ -450,23 +480,30 @@ class _Run:
         )[0].text  # fmt: skip
         if self.primary:
             banner = f"======== sample at step {step} ========"
-            with open(os.path.join(self.out, runs.SAMPLES), "a") as f:
-                f.write(f"{banner}\n{text}\n\n")
+            path = os.path.join(self.out, runs.SAMPLES)
+            try:
+                with open(path, "a") as f:
+                    f.write(f"{banner}\n{text}\n\n")
+            except OSError as e:
+                raise Gpt2JaxError(f"{path}: cannot write ({e.strerror})") from None
             self.bar.write(f"{banner}\n{text}\n")
 
     def _save(self, step: int) -> None:
         if self.last_saved == step:
             return
-        state = self.dp.unreplicate(self.state)
+        # Not the frozen part (LoRA's base model): it is the starting model's, never changed.
+        params, opt_state, rng = self.dp.unreplicate(
+            (self.state.params, self.state.opt_state, self.state.rng)
+        )
         meta = {
             "step": step,
-            "rng": np.asarray(state.rng).tolist(),
+            "rng": np.asarray(rng).tolist(),
             "data": self.sampler.state(step),
             "data_key": self.data_key,
             "loss": self.loss,
             "val_loss": self.val_loss,
         }
-        self.ckpts.save(step, state.params, state.opt_state, meta)
+        self.ckpts.save(step, params, opt_state, meta)
         self.last_saved = step
 
 

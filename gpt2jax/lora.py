@@ -30,6 +30,7 @@ float32): the result is an ordinary parameter tree that every other command uses
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -148,7 +149,7 @@ def restore_run(path: str, config: GPT2Config, train: Any, step: int, dtype: Any
     from gpt2jax.model import init_params
     from gpt2jax.runs import CHECKPOINTS
 
-    params_dir = epath.Path(path) / CHECKPOINTS / str(step) / "params"
+    params_dir = epath.Path(os.path.abspath(path)) / CHECKPOINTS / str(step) / "params"
     shapes = jax.eval_shape(lambda: init_lora(config, train.lora_rank))
     handler = ocp.StandardCheckpointHandler()
     try:

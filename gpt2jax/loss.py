@@ -53,6 +53,7 @@ def chunked_token_losses(
     if chunk <= 0:
         raise ConfigError(f"--loss-chunk must be > 0 positions, got {chunk}")
     B, T, C = h.shape
+    chunk = min(chunk, T)  # a chunk longer than the sequence would only compute padding
     chunks = -(-T // chunk)
     pad = chunks * chunk - T
     hs = jnp.pad(h, ((0, 0), (0, pad), (0, 0))).reshape(B, chunks, chunk, C)

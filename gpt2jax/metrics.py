@@ -14,6 +14,8 @@ import math
 import os
 from typing import Any
 
+from gpt2jax.errors import Gpt2JaxError
+
 log = logging.getLogger(__name__)
 
 
@@ -47,8 +49,11 @@ class MetricsLog:
             k: None if isinstance(v, float) and not math.isfinite(v) else v
             for k, v in record.items()
         }
-        self._file.write(json.dumps(clean) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(json.dumps(clean) + "\n")
+            self._file.flush()
+        except OSError as e:  # a full disk: one clear line, not a traceback from the loop
+            raise Gpt2JaxError(f"{self.path}: cannot write ({e.strerror})") from None
 
     def close(self) -> None:
         if self._file is not None:
@@ -95,5 +100,9 @@ def plot_losses(metrics_path: str, png_path: str) -> bool:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(png_path)
+    try:
+        fig.savefig(png_path)
+    except OSError as e:  # the run itself is saved; a missing plot is no reason to fail it
+        log.warning("%s: cannot write the loss plot (%s)", png_path, e.strerror)
+        return False
     return True

@@ -1,11 +1,14 @@
 """Optimizers and learning-rate schedules for fine-tuning (optax).
 
-* ``adamw`` (default): ``optax.adamw``, decoupled weight decay as in Loshchilov & Hutter and
-  ``torch.optim.AdamW`` (the tests check one step against torch). Defaults are torch's:
-  betas (0.9, 0.999), eps 1e-8, weight decay 0.01.
+* ``adamw`` (default): the chain ``optax.adamw`` builds (Adam's moments, then decoupled weight
+  decay as in Loshchilov & Hutter and ``torch.optim.AdamW``, then the learning rate; the tests
+  check one step against torch), with Adam from :func:`gpt2jax.lowp.scale_by_adam_lowp` so that
+  ``state_dtype`` (``--opt-state-dtype``) can keep the moments in bfloat16. Defaults are
+  torch's: betas (0.9, 0.999), eps 1e-8, weight decay 0.01.
 * ``adafactor``: ``optax.adafactor`` with its defaults (factored second moments, update clipping
   1.0, updates scaled by each parameter's RMS), ``--weight-decay`` as its decay rate.
-* ``sgd``: ``optax.sgd`` with momentum 0.9, weight decay added to the gradient first.
+* ``sgd``: ``optax.sgd`` with momentum 0.9 (its trace in ``state_dtype``,
+  :func:`gpt2jax.lowp.scale_by_momentum_lowp`), weight decay added to the gradient first.
 
 Weight decay applies to the four matmul weights of each block only (``c_attn/w``, ``c_proj/w``,
 ``c_fc/w``, ``mlp/c_proj/w``): never to biases, LayerNorm gains/biases, or the token and
@@ -30,6 +33,7 @@ import jax.numpy as jnp
 import optax
 
 from gpt2jax.errors import ConfigError
+from gpt2jax.lowp import scale_by_adam_lowp, scale_by_momentum_lowp
 
 OPTIMIZERS = ("adamw", "adafactor", "sgd")
 SCHEDULES = ("constant", "cosine", "linear")
@@ -77,14 +81,20 @@ def make_optimizer(
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-8,
+    state_dtype: Any = jnp.float32,
 ) -> optax.GradientTransformation:
-    """Gradient clipping then ``name`` (``adamw``, ``adafactor`` or ``sgd``), decay masked."""
+    """Gradient clipping then ``name`` (``adamw``, ``adafactor`` or ``sgd``), decay masked;
+    AdamW's moments and SGD's momentum are stored in ``state_dtype``."""
     if weight_decay < 0:
         raise ConfigError(f"--weight-decay must be >= 0, got {weight_decay}")
     if clip < 0:
         raise ConfigError(f"--clip must be >= 0 (0 turns clipping off), got {clip}")
     if name == "adamw":
-        base = optax.adamw(schedule, b1, b2, eps, weight_decay=weight_decay, mask=decay_mask)
+        base = optax.chain(
+            scale_by_adam_lowp(b1, b2, eps, state_dtype),
+            optax.add_decayed_weights(weight_decay, decay_mask),
+            optax.scale_by_learning_rate(schedule),
+        )
     elif name == "adafactor":
         base = optax.adafactor(
             schedule, weight_decay_rate=weight_decay or None, weight_decay_mask=decay_mask
@@ -92,7 +102,8 @@ def make_optimizer(
     elif name == "sgd":
         base = optax.chain(
             optax.add_decayed_weights(weight_decay, decay_mask),
-            optax.sgd(schedule, momentum=SGD_MOMENTUM),
+            scale_by_momentum_lowp(SGD_MOMENTUM, state_dtype),
+            optax.scale_by_learning_rate(schedule),
         )
     else:
         raise ConfigError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")

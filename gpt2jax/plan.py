@@ -105,7 +105,7 @@ def parse_memory(text: str) -> int:
 def usable_bytes(budget: int) -> int:
     """What a candidate's predicted peak may use of ``budget``: all but 1/16 (>= 256 MiB) left
     for the runtime and fragmentation."""
-    return budget - max(budget // 16, 256 * 2**20)
+    return max(0, budget - max(budget // 16, 256 * 2**20))
 
 
 def expected_cost(c: Candidate, seq_len: int, n_devices: int) -> float:
@@ -127,9 +127,11 @@ def candidates(
     n_devices: int,
     fixed: Collection[str] = (),
     grad_accum: int = 1,
+    seq_len: int = 1024,
 ) -> list[Candidate]:
     """Every configuration the search may try. Settings named in ``fixed`` keep ``base``'s value
-    (``grad_accum``'s is the argument)."""
+    (``grad_accum``'s is the argument). The loss is chunked only for sequences longer than a
+    chunk."""
     states = list(SGD_COST) if base.optimizer == "sgd" else list(STATE_COST)
     if "optimizer" in fixed:
         states = [(o, d) for o, d in states if o == base.optimizer]
@@ -138,7 +140,9 @@ def candidates(
     if not states:
         raise ConfigError(f"--opt-state-dtype {base.opt_state_dtype} does not apply to adafactor")
     remats = [base.remat] if "remat" in fixed else list(REMAT_COST)
-    chunks = [base.loss_chunk] if "loss_chunk" in fixed else [0, LOSS_CHUNK]
+    chunks = [0, LOSS_CHUNK] if seq_len > LOSS_CHUNK else [0]
+    if "loss_chunk" in fixed:
+        chunks = [base.loss_chunk]
     splits = [a for a in range(1, batch_size + 1) if batch_size % (a * n_devices) == 0]
     if "grad_accum" in fixed:
         splits = [a for a in splits if a == grad_accum]
@@ -304,7 +308,7 @@ def search(
     for size in _batch_sizes(batch_size, batch_given, planner.n_devices):
         failed: list[Candidate] = []
         order = sorted(
-            candidates(base, size, planner.n_devices, fixed, grad_accum),
+            candidates(base, size, planner.n_devices, fixed, grad_accum, planner.seq_len),
             key=lambda c: expected_cost(c, planner.seq_len, planner.n_devices),
         )
         # The leanest candidates first (with and without accumulation: neither needs less

@@ -109,9 +109,14 @@ def load(
     elif kind == "run":
         from gpt2jax import runs
 
-        config, _ = runs.read_run(path)
+        config, train = runs.read_run(path)
         step = runs.latest_step(path)  # a training run loads as its newest checkpoint
-        params = runs.restore_params(path, config, step, dtype=dtype)
+        if train.lora_rank:  # its checkpoints hold adapters: merged into the starting model
+            from gpt2jax.lora import restore_run
+
+            params = restore_run(path, config, train, step, dtype=dtype)
+        else:
+            params = runs.restore_params(path, config, step, dtype=dtype)
         source = {"format": "gpt2jax-run", "path": os.path.abspath(path), "step": step}
     else:
         raise Gpt2JaxError(f"{path}: loading a {kind!r} directory is not supported yet")

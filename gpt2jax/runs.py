@@ -24,9 +24,11 @@ checkpoints, and the next ``CheckpointManager`` removes the leftovers.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -43,6 +45,7 @@ CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
 SAMPLES = "samples.txt"
 PLOT = "loss.png"
+TRASH = ".deleted"  # checkpoints/.deleted: old checkpoints are renamed here, then deleted
 
 
 @dataclasses.dataclass
@@ -82,6 +85,16 @@ class TrainConfig:
     save_every: int = 500
     keep: int = 3
     skip_nonfinite: bool = False
+    # Memory (gpt2jax.recipe.MemorySettings; `--memory` chooses some of them, see gpt2jax.plan)
+    remat: str = "none"
+    param_dtype: str = "float32"
+    opt_state_dtype: str = "float32"
+    loss_chunk: int = 0
+    parallel: str = "data"
+    lora_rank: int = 0
+    lora_alpha: float | None = None
+    freeze: str | None = None
+    memory: str | None = None  # the budget the settings were planned for, as given
 
     #: Fields a resumed run may change; anything else would make it a different run.
     RESUMABLE = (
@@ -115,6 +128,9 @@ class TrainConfig:
                 )
         if self.seq_len is not None and self.seq_len < 1:
             raise ConfigError(f"--seq-len must be >= 1, got {self.seq_len}")
+        from gpt2jax.recipe import MemorySettings
+
+        MemorySettings.of(self).validate()
         if self.compute_dtype not in ("float32", "bfloat16"):
             raise ConfigError(
                 f"--compute-dtype must be float32 or bfloat16, got {self.compute_dtype}"
@@ -146,26 +162,62 @@ def write_json_atomic(path: str, data: Any) -> None:
 
 
 def check_new_run(path: str) -> None:
-    """Refuses a directory that already holds a run or anything else."""
+    """Refuses a directory that already holds a run or anything else, or cannot be written."""
     if os.path.exists(os.path.join(path, RUN_JSON)):
         raise Gpt2JaxError(f"{path}: already holds a run; continue it with --resume {path}")
     if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
         raise Gpt2JaxError(f"{path}: exists and is not an empty directory; choose another --out")
+    check_writable(path)
+
+
+def check_writable(path: str) -> None:
+    """A clear error, before any training, when no file can be written in ``path`` (or, when it
+    does not exist yet, in the directory that would hold it): a read-only or full disk, no
+    permission, a file in the way. Found by writing (and removing) a small file, which is the
+    only test that sees all of these."""
+    where = os.path.abspath(path)
+    while not os.path.exists(where):
+        where = os.path.dirname(where)
+    if not os.path.isdir(where):
+        raise Gpt2JaxError(f"{path}: cannot be created ({where} is a file, not a directory)")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".gpt2jax-write-test-", dir=where)
+        try:
+            os.write(fd, bytes(4096))
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as e:
+        raise Gpt2JaxError(f"{path}: cannot write the run there ({where}: {e.strerror})") from None
 
 
 def create_run(
     path: str, config: GPT2Config, train: TrainConfig, tokenizer_dir: str | None
 ) -> None:
-    """Creates the run directory: ``run.json`` and the tokenizer files. Refuses a used one."""
+    """Creates the run directory: ``run.json`` and the tokenizer files. Refuses a used one.
+
+    The directory is filled under a temporary name and renamed into place, so a process killed
+    while creating it leaves no run directory rather than one that neither a new start
+    (not empty) nor ``--resume`` (no ``run.json``) accepts.
+    """
     check_new_run(path)
+    path = os.path.abspath(path)
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{os.getpid()}")
     try:
-        os.makedirs(path, exist_ok=True)
-        if tokenizer_dir is not None:
-            for name in TOKENIZER_FILES:
-                src = os.path.join(tokenizer_dir, name)
-                if os.path.exists(src):
-                    shutil.copyfile(src, os.path.join(path, name))
-        write_run_json(path, config, train)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.mkdir(tmp)
+        try:
+            if tokenizer_dir is not None:
+                for name in TOKENIZER_FILES:
+                    src = os.path.join(tokenizer_dir, name)
+                    if os.path.exists(src):
+                        shutil.copyfile(src, os.path.join(tmp, name))
+            write_run_json(tmp, config, train)
+            os.rename(tmp, path)  # also replaces an empty directory, which check_new_run allows
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     except OSError as e:
         raise Gpt2JaxError(f"{path}: cannot create the run directory ({e.strerror})") from None
 
@@ -204,42 +256,61 @@ def read_run(path: str) -> tuple[GPT2Config, TrainConfig]:
 
 
 class Checkpoints:
-    """The run's orbax ``CheckpointManager``: items ``params``, ``opt_state`` and ``meta``."""
+    """The run's orbax ``CheckpointManager``: items ``params``, ``opt_state`` and ``meta``.
+
+    Every ``checkpoints/<step>`` directory is a complete checkpoint, whenever the process dies
+    (``scripts/kill_test.py`` checks it): orbax writes a step under a temporary name and renames
+    it when complete, and removes a step beyond ``keep`` by first renaming it into
+    ``checkpoints/.deleted`` (emptied here), never by deleting it in place. A save that fails
+    (a full disk) raises a one-line :class:`CheckpointError` naming the step, and the older
+    checkpoints are kept.
+    """
 
     def __init__(self, run_path: str, keep: int) -> None:
         import orbax.checkpoint as ocp
 
         self._ocp = ocp
+        self.run_path = run_path
+        self.directory = os.path.join(os.path.abspath(run_path), CHECKPOINTS)
+        self._saving: int | None = None  # the step of the asynchronous save in flight
+        self._failed = False
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
             enable_async_checkpointing=True,
             create=True,
             cleanup_tmp_directories=True,  # what a killed save left behind
+            todelete_subdir=TRASH,
         )
         try:
             self.manager = ocp.CheckpointManager(
-                os.path.join(os.path.abspath(run_path), CHECKPOINTS),
-                options=options,
-                item_names=("params", "opt_state", "meta"),
+                self.directory, options=options, item_names=("params", "opt_state", "meta")
             )
         except OSError as e:
             raise Gpt2JaxError(f"{run_path}: cannot write checkpoints ({e.strerror})") from None
+        self._empty_trash(idle=True)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
     def save(self, step: int, params: Any, opt_state: Any, meta: dict[str, Any]) -> None:
-        """Starts an asynchronous save of ``step`` (the arrays must not be donated later)."""
+        """Starts an asynchronous save of ``step`` (the arrays must not be donated later).
+
+        Waits for the previous save first: its failure, if it failed, is raised here."""
         args = self._ocp.args
-        self.manager.save(
+        self._checked(
             step,
-            args=args.Composite(
-                params=args.StandardSave(params),
-                opt_state=args.StandardSave(opt_state),
-                meta=args.JsonSave(meta),
+            lambda: self.manager.save(
+                step,
+                args=args.Composite(
+                    params=args.StandardSave(params),
+                    opt_state=args.StandardSave(opt_state),
+                    meta=args.JsonSave(meta),
+                ),
+                force=True,
             ),
-            force=True,
         )
+        self._saving = step
+        self._empty_trash()  # the steps the previous save replaced
 
     def restore(self, step: int, params: Any, opt_state: Any) -> tuple[Any, Any, dict[str, Any]]:
         """``(params, opt_state, meta)`` of ``step``; ``params``/``opt_state`` give the structure
@@ -256,15 +327,78 @@ class Checkpoints:
             )
         except Exception as e:
             raise CheckpointError(
-                f"{self.manager.directory}/{step}: cannot restore ({type(e).__name__}: {e})"
+                f"{self.directory}/{step}: cannot restore ({_reason(e)})"
             ) from None
         return out.params, out.opt_state, out.meta
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        """Waits for the save in flight; raises its failure."""
+        self._checked(self._saving, self.manager.wait_until_finished)
+        self._saving = None
+        self._empty_trash(idle=True)
 
     def close(self) -> None:
-        self.manager.close()
+        if self._failed:  # already reported: orbax would raise the same failure again
+            with contextlib.suppress(Exception):
+                self.manager.close()
+            return
+        self._checked(self._saving, self.manager.close)
+
+    def _checked(self, step: int | None, call: Any) -> None:
+        """Runs ``call``; a failed save becomes a one-line :class:`CheckpointError`."""
+        try:
+            call()
+        except Exception as e:
+            self._failed = True
+            found = re.search(r"/(\d+)\.orbax-checkpoint-tmp", _chain_text(e))
+            failed = int(found.group(1)) if found else step
+            try:
+                done = [int(n) for n in os.listdir(self.directory) if n.isdigit()]
+            except OSError:
+                done = []
+            kept = (
+                f"checkpoint {max(done)} is the newest complete one and is kept"
+                if done
+                else "no checkpoint was saved before it"
+            )
+            raise CheckpointError(
+                f"{self.directory}/{failed}: saving the checkpoint failed ({_reason(e)}); {kept}. "
+                f"Once that is fixed, continue with: gpt2jax finetune --resume {self.run_path}"
+            ) from None
+
+    def _empty_trash(self, idle: bool = False) -> None:
+        """Deletes the steps orbax moved aside; ``idle`` (no save in flight, so none is being
+        moved there now): the directory too."""
+        trash = os.path.join(self.directory, TRASH)
+        if os.path.isdir(trash):
+            for name in os.listdir(trash):
+                shutil.rmtree(os.path.join(trash, name), ignore_errors=True)
+            if idle:
+                with contextlib.suppress(OSError):
+                    os.rmdir(trash)
+
+
+def _chain_text(e: BaseException) -> str:
+    """The messages of ``e`` and the exceptions it was raised from or during."""
+    parts, seen = [], set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        parts.append(str(e))
+        e = e.__cause__ or e.__context__
+    return "\n".join(parts)
+
+
+def _reason(e: BaseException) -> str:
+    """What went wrong, in a few words: the OS error behind an orbax / TensorStore failure
+    (which reports it as ``[os_error_code='28']``), else the exception's first line."""
+    text = _chain_text(e)
+    code = re.search(r"os_error_code='?(\d+)", text)
+    if code:
+        return os.strerror(int(code.group(1)))
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    first = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
+    return f"{type(e).__name__}: {first[:300]}" if first else type(e).__name__
 
 
 def latest_step(path: str) -> int:
@@ -289,7 +423,8 @@ def restore_params(path: str, config: GPT2Config, step: int, dtype: Any = None) 
 
     from gpt2jax.convert.mapping import flatten, our_shapes
 
-    params_dir = epath.Path(path) / CHECKPOINTS / str(step) / "params"
+    # orbax refuses relative paths (`gpt2jax eval runs/poems`)
+    params_dir = epath.Path(os.path.abspath(path)) / CHECKPOINTS / str(step) / "params"
     handler = ocp.StandardCheckpointHandler()
     try:
         stored = handler.metadata(params_dir).tree

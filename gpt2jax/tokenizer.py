@@ -126,10 +126,18 @@ class Tokenizer:
 
     @classmethod
     def from_dir(cls, path: str | os.PathLike) -> Tokenizer:
-        """The directory's own ``encoder.json`` + ``vocab.bpe`` if present, else the default."""
+        """The directory's own ``encoder.json`` + ``vocab.bpe`` if present, else the default.
+
+        Only one of the two is an error: the directory's vocabulary is then unknown."""
         enc, bpe = os.path.join(path, ENCODER_JSON), os.path.join(path, VOCAB_BPE)
-        if os.path.exists(enc) and os.path.exists(bpe):
+        found = [os.path.exists(enc), os.path.exists(bpe)]
+        if all(found):
             return cls.from_files(enc, bpe)
+        if any(found):
+            missing = bpe if found[0] else enc
+            raise CheckpointError(
+                f"{missing}: file not found (a tokenizer needs both {ENCODER_JSON} and {VOCAB_BPE})"
+            )
         return cls.default()
 
     def encode(self, text: str) -> list[int]:

@@ -6,7 +6,9 @@ micro-batches of ``b`` windows each, whose gradients are accumulated by ``lax.sc
 gradient of their mean loss, so accumulation changes memory, not the maths). The loss is the mean
 token cross-entropy, computed in float32 from float32 logits even when the model computes in
 bfloat16 (Hugging Face's ``GPT2LMHeadModel`` loss; the tests compare loss and every gradient with
-``torch.autograd``). Dropout, when the model has any, draws from
+``torch.autograd``). Memory options (remat, chunked loss, LoRA, freezing, FSDP) enter through
+``loss_fn`` and the optimizer (:mod:`gpt2jax.recipe`); none changes these maths. Dropout, when
+the model has any, draws from
 ``fold_in(fold_in(fold_in(key, step), device), micro_batch)``, so it too is a pure function of
 the state and the step.
 
@@ -38,6 +40,8 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from gpt2jax.errors import ConfigError
+from gpt2jax.layerwise import apply_optimizer
+from gpt2jax.loss import LossFn, make_token_losses
 from gpt2jax.model import GPT2
 from gpt2jax.progress import progress_bar
 
@@ -55,15 +59,17 @@ class TrainState(flax.struct.PyTreeNode):
     params: Any
     opt_state: Any
     rng: jax.Array  # (4,) uint32: the dropout key's data ("rbg"), fixed for the whole run
+    frozen: Any = None  # parameters the loss reads but never trains (LoRA's base model)
 
     @classmethod
-    def create(cls, params: Any, tx: optax.GradientTransformation, seed: int) -> TrainState:
+    def create(cls, params: Any, tx: Any, seed: int, frozen: Any = None) -> TrainState:
         params = jax.tree.map(jnp.asarray, params)
         return cls(
             step=jnp.zeros((), jnp.int32),
             params=params,
             opt_state=tx.init(params),
             rng=jax.random.key_data(jax.random.key(seed, impl=DROPOUT_PRNG)),
+            frozen=None if frozen is None else jax.tree.map(jnp.asarray, frozen),
         )
 
 
@@ -81,8 +87,9 @@ def token_losses(model: GPT2, params: Any, windows: jax.Array, rng: jax.Array | 
 
 def make_train_step(
     model: GPT2,
-    tx: optax.GradientTransformation,
+    tx: Any,
     *,
+    loss_fn: LossFn | None = None,
     schedule: optax.Schedule | None = None,
     skip_nonfinite: bool = False,
     axis_name: str | None = None,
@@ -91,7 +98,13 @@ def make_train_step(
 
     Args:
         model: the module; dropout is on when ``model.config.dropout > 0``.
-        tx: the optimizer (clipping included).
+        tx: the optimizer (clipping included): an optax transformation, or a
+            :class:`gpt2jax.layerwise.Layerwise` that updates the parameters in place, one
+            layer at a time (what ``finetune`` uses, :mod:`gpt2jax.recipe`).
+        loss_fn: the per-token loss ``loss_fn(params, windows, rng, frozen)``
+            (:func:`gpt2jax.loss.make_token_losses`; default: the plain loss of ``model``); it
+            is differentiated with respect to ``state.params`` only, ``state.frozen`` (LoRA's
+            base model) is a constant.
         schedule: the learning rate schedule inside ``tx``, reported as ``metrics["lr"]``.
         skip_nonfinite: when the loss or gradient norm is NaN/inf, keep the params and optimizer
             state unchanged (the step counter still advances); otherwise the update is applied
@@ -103,6 +116,8 @@ def make_train_step(
     the ``schedule``, ``lr``.
     """
     use_dropout = model.config.dropout > 0
+    if loss_fn is None:
+        loss_fn = make_token_losses(model)
 
     def train_step(state: TrainState, batch: jax.Array) -> tuple[TrainState, Metrics]:
         accum = batch.shape[0]
@@ -115,7 +130,7 @@ def make_train_step(
 
         def loss_and_grads(windows: jax.Array, micro: jax.Array) -> tuple[jax.Array, Any]:
             rng = None if key is None else jax.random.fold_in(key, micro)
-            return jax.value_and_grad(lambda p: token_losses(model, p, windows, rng).mean())(
+            return jax.value_and_grad(lambda p: loss_fn(p, windows, rng, state.frozen).mean())(
                 state.params
             )
 
@@ -136,8 +151,7 @@ def make_train_step(
             loss, grads = jax.lax.pmean((loss, grads), axis_name)
 
         grad_norm = optax.tree.norm(grads)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        params, opt_state = apply_optimizer(tx, grads, state.opt_state, state.params)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         if skip_nonfinite:
             params, opt_state = jax.tree.map(
@@ -154,15 +168,21 @@ def make_train_step(
     return train_step
 
 
-def make_eval_step(model: GPT2, axis_name: str | None = None) -> Callable[..., Metrics]:
+def make_eval_step(
+    model: GPT2, axis_name: str | None = None, loss_fn: LossFn | None = None
+) -> Callable[..., Metrics]:
     """``eval_step(params, windows (N, T+1), weights (N, T)) -> {"loss_sum", "count"}``.
 
     Sums (over the devices too) of the weighted token losses and of the weights, so that any
-    number of batches combine into one exact mean.
+    number of batches combine into one exact mean. With a run's ``loss_fn``
+    (:mod:`gpt2jax.recipe`), ``params`` is the pair ``(state.params, state.frozen)``.
     """
 
     def eval_step(params: Any, windows: jax.Array, weights: jax.Array) -> Metrics:
-        losses = token_losses(model, params, windows)
+        if loss_fn is None:
+            losses = token_losses(model, params, windows)
+        else:
+            losses = loss_fn(params[0], windows, None, params[1])
         out = {"loss_sum": (losses * weights).sum(), "count": weights.sum()}
         return out if axis_name is None else jax.lax.psum(out, axis_name)
 

@@ -37,6 +37,7 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 
 
 def dtype_name(dtype: Any) -> str:
+    """``"float32"``, ``"bfloat16"`` or ``"float16"`` for ``dtype``; anything else is an error."""
     name = np.dtype(dtype).name
     if name not in DTYPES:
         raise Gpt2JaxError(f"unsupported parameter dtype {name}; use one of {', '.join(DTYPES)}")

@@ -53,6 +53,7 @@ class GPT2Config:
 
     @property
     def head_dim(self) -> int:
+        """Channels per attention head, ``n_embd // n_head``."""
         return self.n_embd // self.n_head
 
     def num_params(self) -> int:
@@ -80,6 +81,7 @@ class GPT2Config:
         return _build(hparams, _SHAPE_KEYS, _SHAPE_KEYS, source)
 
     def to_hparams(self) -> dict[str, int]:
+        """OpenAI's ``hparams.json``: n_vocab, n_ctx, n_embd, n_head and n_layer."""
         return {k: getattr(self, k) for k in _SHAPE_KEYS}
 
     # -- Hugging Face config.json --------------------------------------------------------------
@@ -146,6 +148,7 @@ class GPT2Config:
         return _build(d, _SHAPE_KEYS, tuple(f.name for f in dataclasses.fields(cls)), source)
 
     def to_dict(self) -> dict[str, Any]:
+        """Every field, as stored in a model directory's ``config.json`` (see ``from_dict``)."""
         return dataclasses.asdict(self)
 
 

@@ -76,6 +76,7 @@ class Generation:
     finish_reason: str
 
     def to_json(self) -> dict[str, Any]:
+        """Every field, as ``gpt2jax generate --out`` writes a sample (one JSON line)."""
         return dataclasses.asdict(self)
 
 

@@ -60,6 +60,7 @@ class KVCache(flax.struct.PyTreeNode):
     def zeros(
         cls, config: GPT2Config, batch: int, length: int, dtype: Any = jnp.float32
     ) -> KVCache:
+        """An empty cache of ``length`` slots: k and v each ``(L, B, H, length, D)``."""
         shape = (config.n_layer, batch, config.n_head, length, config.head_dim)
         return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
 

@@ -51,6 +51,7 @@ class Pretrained:
         return np.asarray(self.tokenizer.encode(text), dtype=np.int32)
 
     def decode(self, ids: Any) -> str:
+        """Text of token ids of any shape (flattened); invalid UTF-8 becomes U+FFFD."""
         return self.tokenizer.decode(np.asarray(ids).reshape(-1).tolist())
 
     def logits(self, ids: Any) -> jax.Array:

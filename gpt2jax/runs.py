@@ -137,10 +137,13 @@ class TrainConfig:
             )
 
     def to_dict(self) -> dict[str, Any]:
+        """Every setting, as ``run.json`` records it under ``"train"`` (see ``from_dict``)."""
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = RUN_JSON) -> TrainConfig:
+        """The settings ``to_dict`` wrote; an unknown key is a :class:`ConfigError` naming
+        ``source``."""
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:

@@ -145,6 +145,7 @@ class Tokenizer:
         return self.encoding.encode(text, allowed_special="all")
 
     def encode_batch(self, texts: Sequence[str], num_threads: int = 8) -> list[list[int]]:
+        """:meth:`encode` of each text, on ``num_threads`` threads."""
         return self.encoding.encode_batch(
             list(texts), num_threads=num_threads, allowed_special="all"
         )
@@ -154,4 +155,5 @@ class Tokenizer:
         return self.encoding.decode([int(i) for i in ids], errors="replace")
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        """The bytes of ``ids``, also when they end inside a UTF-8 character (for streaming)."""
         return self.encoding.decode_bytes([int(i) for i in ids])

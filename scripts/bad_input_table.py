@@ -130,6 +130,7 @@ class Runner:
             "what": entry["what"],
             "command": entry["args"][0],
             "args": args,
+            "paths": {"CASE": str(case), "DST": subs["{dst}"], "TINY": str(TINY)},
             "exit": code,
             "stderr": err,
             "seconds": round(time.perf_counter() - start, 2),
@@ -214,8 +215,8 @@ def check(entry: dict[str, Any], result: dict[str, Any], subs: dict[str, str]) -
     return problems
 
 
-def outcome(result: dict[str, Any], width: int = 110) -> str:
-    """The error line without its prefix and with the case's paths shortened."""
+def outcome(result: dict[str, Any], width: int = 130) -> str:
+    """The error line without its prefix, the case's paths shortened to ``CASE/`` etc."""
     errors = error_lines(result)
     if errors:
         text = errors[0].split(": error: ", 1)[1]
@@ -224,26 +225,26 @@ def outcome(result: dict[str, Any], width: int = 110) -> str:
         text = "(exit 0) " + (warnings[0].split("warning: ", 1)[1] if warnings else "")
     else:
         text = (result["stderr"].strip().splitlines() or ["(no output)"])[-1]
-    for arg in result["args"]:
-        if os.sep in arg:
-            for path in (str(Path(arg).parent.parent), str(Path(arg).parent), arg):
-                if len(path) > 20:
-                    text = text.replace(path, "…")
+    for name, path in result["paths"].items():
+        text = text.replace(path, name)
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def table(results: list[dict[str, Any]]) -> str:
-    rows = [("case", "command", "exit", "ok", "message")]
+    """A Markdown table: case, what was damaged, command, exit code, as expected, the message."""
+    rows = [("case", "damage", "command", "exit", "ok", "what it said")]
     for r in results:
         ok = "yes" if not r["problems"] else "NO: " + "; ".join(r["problems"])
-        rows.append((r["name"], r["command"], str(r["exit"]), ok, outcome(r)))
-    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+        rows.append((r["name"], r["what"], r["command"], str(r["exit"]), ok, outcome(r)))
+    widths = [max(len(row[i]) for row in rows) for i in range(5)]
     lines = []
     for i, row in enumerate(rows):
-        cells = [c.ljust(w) for c, w in zip(row[:4], widths, strict=True)] + [row[4]]
+        cells = [c.ljust(w) for c, w in zip(row[:5], widths, strict=True)] + [
+            f"`{row[5]}`" if i else row[5]
+        ]
         lines.append("| " + " | ".join(cells) + " |")
         if i == 0:
-            lines.append("|" + "|".join("-" * (w + 2) for w in [*widths, 7]) + "|")
+            lines.append("|" + "|".join("-" * (w + 2) for w in [*widths, 14]) + "|")
     return "\n".join(lines)
 
 

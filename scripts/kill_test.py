@@ -327,10 +327,11 @@ def kill_test(
 
     # The reference: the same run, uninterrupted (it also fills the compilation cache).
     reference = work / "reference"
-    code = subprocess.run(
-        finetune_command(reference, settings, resume=False),
-        env=env, stdout=subprocess.DEVNULL, stderr=open(logs / "reference.log", "w"),
-    ).returncode  # fmt: skip
+    with open(logs / "reference.log", "w") as err:
+        code = subprocess.run(
+            finetune_command(reference, settings, resume=False),
+            env=env, stdout=subprocess.DEVNULL, stderr=err,
+        ).returncode  # fmt: skip
     if code != 0:
         raise KillTestFailure(f"the reference run failed: see {logs / 'reference.log'}")
     ref_seconds = time.monotonic() - t0

@@ -19,6 +19,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -76,6 +77,7 @@ def test_notebook_runs_top_to_bottom(monkeypatch: pytest.MonkeyPatch, tmp_path: 
     monkeypatch.setenv("MPLBACKEND", "Agg")  # plt.show() draws nothing
     monkeypatch.setenv("GPT2JAX_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION", raising=False)  # restored after the run
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the notebook's mkdtemp, cleaned up
     # The notebook shows the library's log lines (log_to_stderr); other tests expect the
@@ -106,7 +108,8 @@ def test_notebook_runs_top_to_bottom(monkeypatch: pytest.MonkeyPatch, tmp_path: 
     hf = transformers.AutoModelForCausalLM.from_pretrained(export).eval()
     tuned = namespace["tuned"]
     ids = tuned.encode("ROMEO: what light")
-    ours = np.asarray(tuned.logits(ids))
+    with jax.default_matmul_precision("highest"):  # GPUs multiply float32 in TF32 by default
+        ours = np.asarray(tuned.logits(ids))
     with torch.no_grad():
         theirs = hf(torch.tensor(ids[None], dtype=torch.long)).logits[0].numpy()
     np.testing.assert_allclose(theirs, ours, rtol=1e-4, atol=1e-4)

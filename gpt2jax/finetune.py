@@ -420,7 +420,9 @@ class _Run:
 
     def _record(self, step: int, step_metrics: dict[str, jax.Array]) -> None:
         """Logs the metrics of update ``step`` (waits for it); stops on a non-finite loss."""
-        m = jax.device_get(step_metrics)
+        # Data parallel and FSDP may hand metrics back with a leading device axis; they are
+        # averaged over devices already, so every entry is the same.
+        m = jax.tree.map(lambda x: np.asarray(x).reshape(-1)[0], jax.device_get(step_metrics))
         now = time.perf_counter()
         elapsed, self.clock = now - self.clock, now
         loss = float(m["loss"])

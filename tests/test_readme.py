@@ -182,6 +182,7 @@ def test_readme_blocks_run_in_order(tmp_path: Path) -> None:
     assert (work / "hf/poems/model.safetensors").is_file()
     assert json.loads((work / "ckpt/124M/config.json").read_text())["format"] == "gpt2jax"
     assert (work / "tf/poems/model.ckpt.index").is_file()
+    assert (work / "hf/api/model.safetensors").is_file()  # the Python API's export
 
 
 @pytest.mark.slow

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import time
 from typing import Any
 
@@ -27,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gpt2jax.config import GPT2Config, read_json
+from gpt2jax.convert.outdir import atomic_dir
 from gpt2jax.errors import CheckpointError, Gpt2JaxError
 
 FORMAT = "gpt2jax"
@@ -88,16 +88,7 @@ def save_model_dir(
     ``dtype`` casts the parameters (default: keep their dtype). Tokenizer files are copied from
     ``tokenizer_dir`` when it has them.
     """
-    path = os.path.abspath(os.fspath(path))
-    if os.path.exists(path) and not overwrite and (not os.path.isdir(path) or os.listdir(path)):
-        raise Gpt2JaxError(f"{path}: already exists (pass overwrite / --force to replace it)")
-    parent = os.path.dirname(path)
-    try:
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
-    except OSError as e:
-        raise Gpt2JaxError(f"{parent}: cannot write here ({e.strerror})") from None
-    try:
+    with atomic_dir(path, overwrite=overwrite) as tmp:
         if dtype is not None:
             params = jax.tree.map(lambda x: np.asarray(x).astype(dtype), params)
         leaves = jax.tree.leaves(params)
@@ -120,15 +111,6 @@ def save_model_dir(
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(meta, f, indent=2)
             f.write("\n")
-        if os.path.exists(path):
-            shutil.rmtree(path)
-        os.rename(tmp, path)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise Gpt2JaxError(f"{path}: writing the model failed ({e.strerror or e})") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def save_params(params_dir: str, params: Any) -> None:

@@ -53,6 +53,7 @@ import numpy as np
 
 from gpt2jax.errors import DataError
 from gpt2jax.progress import progress_bar
+from gpt2jax.runs import write_json_atomic
 from gpt2jax.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -468,22 +469,10 @@ def _tokenize_to_cache(
             "files": files_meta,
         }
         os.replace(tmp, os.path.join(cache_dir, f"{key}.tokens"))
-        _write_json_atomic(os.path.join(cache_dir, f"{key}.json"), meta)
+        write_json_atomic(os.path.join(cache_dir, f"{key}.json"), meta)
         return meta
     except OSError as e:
         raise DataError(f"{cache_dir}: writing the token cache failed ({e.strerror})") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _write_json_atomic(path: str, data: Any) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".", suffix=".tmp", dir=os.path.dirname(path))
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

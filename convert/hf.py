@@ -81,6 +81,7 @@ def export_hf(
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     overwrite: bool = False,
     show_progress: bool = False,
+    on_rounding: Callable[[float], None] | None = None,
 ) -> list[str]:
     """Writes ``params`` as a Hugging Face GPT-2 directory at ``out_dir``; returns its files.
 
@@ -94,6 +95,8 @@ def export_hf(
             them, GPT-2's are rebuilt from tiktoken.
         max_shard_size: bytes, or a string like ``"5GB"`` / ``"500MiB"``; more than this and
             the weights are split into shards.
+        on_rounding: called with each tensor's largest ``|stored - given|`` (what casting to
+            ``dtype`` changed), measured on the tensor as it is cast, so without a second pass.
     """
     if dtype not in EXPORT_DTYPES:
         raise Gpt2JaxError(f"export dtype {dtype!r} is not one of {', '.join(EXPORT_DTYPES)}")
@@ -106,10 +109,16 @@ def export_hf(
     names = shard_names(WEIGHTS[fmt], len(shards))
     total = sum(_nbytes(s) for s in specs)
 
+    def cast(value: Any) -> np.ndarray:
+        value = np.asarray(value)
+        stored = value.astype(np_dtype, copy=False)
+        if on_rounding is not None:
+            on_rounding(_max_abs_difference(value, stored))
+        return stored
+
     # One tensor at a time: taken from the params tree (a view for numpy), cast, written.
     stream = (
-        (PREFIX + name, np.asarray(value).astype(np_dtype, copy=False))
-        for name, value in mapping.to_theirs(params, config, "hf")
+        (PREFIX + name, cast(value)) for name, value in mapping.to_theirs(params, config, "hf")
     )
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         # Tokenizer first: if it cannot be had (offline, no files) nothing big was written yet.
@@ -142,6 +151,16 @@ def export_hf(
         )
         files = sorted(os.listdir(tmp))
     return files
+
+
+def _max_abs_difference(a: np.ndarray, b: np.ndarray) -> float:
+    """``max |a - b|``, in the wider dtype of the two (at least float32): one tensor's
+    temporaries at a time."""
+    if a is b:
+        return 0.0
+    wide = np.promote_types(np.promote_types(a.dtype, b.dtype), np.float32)
+    d = a.astype(wide, copy=False) - b.astype(wide, copy=False)
+    return float(np.max(np.abs(d, out=d), initial=0.0))
 
 
 def hf_config(config: GPT2Config, dtype: str) -> dict[str, Any]:

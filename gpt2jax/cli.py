@@ -125,8 +125,11 @@ def _cmd_export(args: argparse.Namespace) -> int:
             show_progress=True,
         )
     else:
+        import jax
+
         from gpt2jax.convert.hf import export_hf
 
+        rounding: list[float] = []  # each tensor's max |delta|, measured as it is cast
         files = export_hf(
             model.params,
             model.config,
@@ -137,7 +140,17 @@ def _cmd_export(args: argparse.Namespace) -> int:
             max_shard_size=args.max_shard_size,
             overwrite=args.force,
             show_progress=True,
+            on_rounding=rounding.append if args.dtype != "float32" else None,
         )
+        if rounding:
+            # Says what fewer bits cost this model (a LoRA delta can be below bfloat16's
+            # resolution), measured rather than guessed.
+            source = "/".join(sorted({x.dtype.name for x in jax.tree.leaves(model.params)}))
+            print(
+                f"gpt2jax: {args.dtype} export rounds the weights: max |delta| "
+                f"{max(rounding):.1e} (relative to {source})",
+                file=sys.stderr,
+            )
     print(
         f"exported {args.model} -> {args.out} ({args.fmt}, {args.dtype}): {len(files)} files, "
         f"{_du(args.out) / 2**20:,.1f} MiB, {time.perf_counter() - start:.1f}s"

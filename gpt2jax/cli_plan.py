@@ -93,7 +93,11 @@ def add_plan(sub: argparse._SubParsersAction) -> None:
         "`finetune --memory` flag runs the same search. Nothing is allocated.",
     )
     p.add_argument("model", help="model directory, run directory or size name (124M ... 1558M)")
-    p.add_argument("--memory", required=True, help="device memory, e.g. 16GB (binary units)")
+    p.add_argument(
+        "--memory", required=True,
+        help="memory for the whole run, e.g. 16GB (10^9 bytes), 15GiB (2^30), or auto (the "
+        "device's limit; on the CPU the machine's memory)",
+    )  # fmt: skip
     p.add_argument("--seq-len", type=int, default=1024, help="tokens per window (default 1024)")
     p.add_argument(
         "--batch-size", type=int, help="windows per update (default: 8, halved while nothing fits)"
@@ -114,19 +118,21 @@ def settings_from_args(args: argparse.Namespace):
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from gpt2jax.plan import describe_choice, format_row, header, parse_memory, search
+    from gpt2jax.plan import chosen_line, format_row, header, resolve_memory, search
 
-    budget = parse_memory(args.memory)
+    budget, read_as = resolve_memory(args.memory)
     config = model_config(args.model)
     base, fixed = settings_from_args(args)
     base.validate()
     if args.grad_accum is not None:
         fixed.add("grad_accum")
     planner = make_planner(config, args.seq_len, base)
-    print(f"{args.model}: {config.num_params():,} parameters, seq-len {args.seq_len}, "
-          f"{planner.n_devices} device(s), {base.parallel} parallel")  # fmt: skip
+    print(
+        f"{args.model}: {config.num_params():,} parameters, seq-len {args.seq_len}, "
+        f"{planner.n_devices} device(s), {base.parallel} parallel; --memory {read_as}"
+    )
     print(header(budget), flush=True)
-    chosen, _ = search(
+    chosen, rows = search(
         planner, base, budget, args.batch_size or 8, batch_given=args.batch_size is not None,
         fixed=fixed, grad_accum=args.grad_accum or 1,
         show=lambda row: print(format_row(row), flush=True),
@@ -135,12 +141,12 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         print("nothing fits: try --lora-rank 16, --param-dtype bfloat16, a shorter --seq-len, "
               "or --parallel fsdp over more devices")  # fmt: skip
         return 1
-    flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in describe_choice(chosen).items())
-    print(f"chosen: {flags}")
+    row = next(r for r in rows if r.candidate == chosen and r.fits)
+    print(chosen_line(row, base))
     return 0
 
 
-def make_planner(config: GPT2Config, seq_len: int, settings):
+def make_planner(config: GPT2Config, seq_len: int, settings, sample_length: int = 64):
     """A :class:`gpt2jax.plan.Planner` over this process's devices for ``settings.parallel``."""
     import jax
 
@@ -149,5 +155,5 @@ def make_planner(config: GPT2Config, seq_len: int, settings):
     if settings.parallel == "fsdp":
         from gpt2jax.sharding import FSDP
 
-        return Planner(config, seq_len, fsdp=FSDP())
-    return Planner(config, seq_len, n_devices=jax.local_device_count())
+        return Planner(config, seq_len, fsdp=FSDP(), sample_length=sample_length)
+    return Planner(config, seq_len, n_devices=jax.local_device_count(), sample_length=sample_length)

@@ -20,7 +20,20 @@ from gpt2jax.errors import ConfigError
 
 # (flag, TrainConfig field, type, help); defaults come from TrainConfig.
 _TRAIN_FLAGS: tuple[tuple[str, str, type, str], ...] = (
-    ("--steps", "steps", int, "optimizer updates in the whole run"),
+    (
+        "--steps",
+        "steps",
+        int,
+        "optimizer updates in the whole run (resuming with more keeps the lr's decay horizon: "
+        "add --schedule-steps to stretch it)",
+    ),
+    (
+        "--schedule-steps",
+        "schedule_steps",
+        int,
+        "updates the lr decays over (default: --steps; a resume keeps the run's horizon unless "
+        "this is given)",
+    ),
     ("--batch-size", "batch_size", int, "windows per update, over all devices (global batch)"),
     ("--grad-accum", "grad_accum", int, "split each update into this many micro-batches"),
     ("--seq-len", "seq_len", int, "tokens per window (default: the model's context, <= 1024)"),
@@ -74,9 +87,10 @@ def add_finetune(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--memory",
         metavar="SIZE",
-        help="device memory, e.g. 16GB: choose the fastest remat / optimizer state / "
-        "micro-batches / loss chunking whose training step fits (flags given stay fixed; "
-        "see `gpt2jax plan`)",
+        help="memory for the whole run, e.g. 16GB (10^9 bytes), 15GiB or auto: choose the "
+        "fastest remat / micro-batches / loss chunking whose whole run fits, exact options "
+        "first; only when none fits an approximate optimizer (Adafactor, bfloat16 state), "
+        "which it says (flags given stay fixed; see `gpt2jax plan`)",
     )
     p.add_argument(
         "--skip-nonfinite",
@@ -132,20 +146,31 @@ def _planned(args: argparse.Namespace, given: dict) -> dict:
     """The settings ``--memory`` chooses (:func:`gpt2jax.plan.search`), the table on stderr."""
     from gpt2jax.cli_plan import make_planner, model_config, settings_from_args
     from gpt2jax.config import get_preset
-    from gpt2jax.plan import describe_choice, format_row, header, parse_memory, search
+    from gpt2jax.plan import (
+        approximate_settings,
+        chosen_line,
+        describe_choice,
+        format_row,
+        header,
+        resolve_memory,
+        search,
+    )
     from gpt2jax.runs import TrainConfig
 
     if not (args.model or args.init):
         return {}  # TrainConfig.validate says what is missing
-    budget = parse_memory(args.memory)
+    budget, read_as = resolve_memory(args.memory)
     config = get_preset(args.init) if args.init else model_config(args.model)
     base, fixed = settings_from_args(args)
     fixed |= {"grad_accum"} & set(given)
     defaults = TrainConfig()
     seq_len = min(given.get("seq_len") or 1024, config.n_ctx)
-    planner = make_planner(config, seq_len, base)
+    planner = make_planner(
+        config, seq_len, base, sample_length=given.get("sample_length", defaults.sample_length)
+    )
+    print(f"--memory {read_as}", file=sys.stderr)
     print(header(budget), file=sys.stderr, flush=True)
-    chosen, _ = search(
+    chosen, rows = search(
         planner, base, budget, given.get("batch_size", defaults.batch_size),
         batch_given="batch_size" in given, fixed=fixed,
         grad_accum=given.get("grad_accum", defaults.grad_accum),
@@ -156,10 +181,13 @@ def _planned(args: argparse.Namespace, given: dict) -> dict:
             f"--memory {args.memory}: no configuration fits (see `gpt2jax plan`); try "
             "--lora-rank, --param-dtype bfloat16, a shorter --seq-len or --parallel fsdp"
         )
-    choice = describe_choice(chosen)
-    print("chosen: " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in choice.items()),
-          file=sys.stderr)  # fmt: skip
-    return {**choice, "memory": args.memory}
+    row = next(r for r in rows if r.candidate == chosen and r.fits)
+    print(chosen_line(row, base), file=sys.stderr, flush=True)
+    return {
+        **describe_choice(chosen),
+        "memory": args.memory,
+        "approximate": approximate_settings(chosen.settings),
+    }
 
 
 def add_eval(sub: argparse._SubParsersAction) -> None:

@@ -129,10 +129,13 @@ def finetune(
             runs.check_new_run(out)
         config, params, tokenizer, tokenizer_dir = _starting_model(train)
         train = _resolve_seq_len(train, config)
+        if train.schedule_steps is None:  # recorded, so that a resume keeps the lr's horizon
+            train = dataclasses.replace(train, schedule_steps=train.steps)
     run = _Run(out, config, train, tokenizer, cache_dir, show_progress)
     if not resume and primary:  # only once the data and settings have proved usable
         runs.create_run(out, config, train, tokenizer_dir)
     run.start_state(params, resume)
+    del params  # the state holds the weights now; a host copy must not live on for the run
     return run.run()
 
 
@@ -168,6 +171,10 @@ def _resumed_settings(out: str, overrides: dict[str, Any]) -> tuple[GPT2Config, 
             f"{out}: {flags} cannot change when resuming (only "
             f"{', '.join('--' + k.replace('_', '-') for k in TrainConfig.RESUMABLE)} can)"
         )
+    if train.schedule_steps is None:
+        # A run.json from before schedule_steps existed: its lr decayed over the steps it
+        # records, which more --steps must not stretch either.
+        train = dataclasses.replace(train, schedule_steps=train.steps)
     if overrides:
         train = dataclasses.replace(train, **overrides)
         train.validate()
@@ -276,7 +283,14 @@ class _Run:
     def _setup_model(self) -> None:
         """Model, optimizer and loss from the run's memory settings (:mod:`gpt2jax.recipe`)."""
         t, config = self.train, self.config
-        self.schedule = learning_rate_schedule(t.lr, t.warmup, t.steps, t.schedule)
+        horizon = t.schedule_steps or t.steps
+        if t.steps > horizon and t.schedule != "constant":
+            log.warning(
+                "the %s lr schedule decays over %d updates and the run has %d: the lr is 0 "
+                "after step %d (--schedule-steps N stretches the schedule)",
+                t.schedule, horizon, t.steps, horizon,
+            )  # fmt: skip
+        self.schedule = learning_rate_schedule(t.lr, t.warmup, horizon, t.schedule)
         settings = MemorySettings.of(t)
         extra = None
         if settings.parallel == "fsdp":
@@ -295,11 +309,28 @@ class _Run:
         axis = AXIS if settings.parallel == "data" else None
         step = make_train_step(
             self.recipe.model, self.tx, loss_fn=self.recipe.loss_fn, schedule=self.schedule,
-            skip_nonfinite=t.skip_nonfinite, axis_name=axis,
+            skip_nonfinite=t.skip_nonfinite, axis_name=axis, accumulate=self.recipe.accumulate,
         )  # fmt: skip
         self.p_train_step = self.dp.compile_train_step(step)
         eval_step = make_eval_step(self.eval_model, axis, loss_fn=evaluation.loss_fn)
         self.p_eval_step = self.dp.compile_eval_step(eval_step)
+        if isinstance(self.dp, DataParallel):
+            self._compile_ahead()
+
+    def _compile_ahead(self) -> None:
+        """Compiles the step and the evaluation before the train state exists, so that the
+        compiler's own memory never adds to the state's (what ``gpt2jax plan`` assumes)."""
+        t, d, b = self.train, self.dp.num_devices, self.per_device
+        trained, frozen = self.recipe.abstract_params()
+        state = jax.eval_shape(
+            lambda p, f: TrainState.create(p, self.tx, 0, frozen=f), trained, frozen
+        )
+        batch = jax.ShapeDtypeStruct((d, t.grad_accum, b, t.seq_len + 1), jnp.int32)
+        self.p_train_step = self.p_train_step.lower(state, batch).compile()
+        windows = jax.ShapeDtypeStruct((d, b, t.seq_len + 1), jnp.int32)
+        weights = jax.ShapeDtypeStruct((d, b, t.seq_len), jnp.float32)
+        params = (state.params, state.frozen)
+        self.p_eval_step = self.p_eval_step.lower(params, windows, weights).compile()
 
     def start_state(self, params: Any, resume: bool) -> None:
         """Puts the train state on the devices: the latest checkpoint's when resuming (if there
@@ -308,13 +339,25 @@ class _Run:
         self.start = self._restore() if resume else None
         self.last_saved = self.start
         if self.start is None:
-            t = self.train
-            if params is None:
-                params = _initial_params(t, self.config)
-            trained, frozen = self.recipe.split(params, t.seed)
-            state = TrainState.create(trained, self.tx, t.seed, frozen=frozen)
-            self.state = self.dp.replicate(state)
+            self.state = self._new_state(params)
             self.start = 0
+
+    def _new_state(self, params: Any) -> TrainState:
+        """The starting train state, built on the devices without a second copy of the model:
+        host weights move to the devices one leaf at a time (each host leaf is released as it
+        goes), and the state is made from them by a compiled function that consumes them."""
+        t, recipe, tx = self.train, self.recipe, self.tx
+
+        def create(params: Any) -> TrainState:
+            trained, frozen = recipe.split(params, t.seed)
+            return TrainState.create(trained, tx, t.seed, frozen=frozen)
+
+        if params is None and t.init is not None:  # random weights, drawn on the devices
+            return self.dp.init(lambda: create(init_params(self.config, t.seed)))
+        if params is None:
+            params = _initial_params(t, self.config)
+        _to_devices(params)
+        return self.dp.init(create, params, donate=True)
 
     def _restore(self) -> int | None:
         """Restores the latest checkpoint onto the devices; its step, or None if none."""
@@ -341,7 +384,7 @@ class _Run:
             rng=jnp.asarray(meta["rng"], jnp.uint32),
             frozen=frozen,
         )
-        self.state = self.dp.replicate(state)
+        self.state = self.dp.init(lambda s: s, state, donate=True)
         log.info("resuming %s from step %d", self.out, step)
         return step
 
@@ -408,6 +451,7 @@ class _Run:
                 if pending is not None:
                     self._record(*pending)
             self.ckpts.wait()
+            self.state = None  # saved: what follows (the loss plot) needs none of it
         finally:
             prefetch.close()
             metrics.close()
@@ -468,9 +512,10 @@ class _Run:
         from gpt2jax.pretrained import Pretrained
 
         t = self.train
+        # The state's own arrays (read only; sampling ends before the next step donates them).
         model = Pretrained(
             config=self.config,
-            params=self.recipe.merged(*self.dp.unreplicate((self.state.params, self.state.frozen))),
+            params=self.recipe.merged(*self.dp.local_view((self.state.params, self.state.frozen))),
             tokenizer=self.tokenizer,
             path=self.out,
             kind="run",
@@ -494,9 +539,13 @@ class _Run:
         if self.last_saved == step:
             return
         # Not the frozen part (LoRA's base model): it is the starting model's, never changed.
-        params, opt_state, rng = self.dp.unreplicate(
-            (self.state.params, self.state.opt_state, self.state.rng)
-        )
+        tree = (self.state.params, self.state.opt_state, self.state.rng)
+        # The save must not read arrays the next step donates. On the CPU the "host copy" orbax
+        # takes is a view of the same memory, so the save completes before training goes on;
+        # elsewhere the arrays are copied to host memory (not device memory) and saved in the
+        # background.
+        on_cpu = jax.default_backend() == "cpu"
+        params, opt_state, rng = self.dp.local_view(tree) if on_cpu else jax.device_get(tree)
         meta = {
             "step": step,
             "rng": np.asarray(rng).tolist(),
@@ -506,11 +555,23 @@ class _Run:
             "val_loss": self.val_loss,
         }
         self.ckpts.save(step, params, opt_state, meta)
+        if on_cpu:
+            self.ckpts.wait()
         self.last_saved = step
 
 
 def _due(step: int, every: int) -> bool:
     return every > 0 and step % every == 0
+
+
+def _to_devices(tree: dict) -> None:
+    """Replaces every host leaf of the nested dict ``tree`` by a device array, in place, so that
+    each host array can be freed as soon as it is copied."""
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            _to_devices(value)
+        else:
+            tree[key] = jnp.asarray(value)
 
 
 def _initial_params(train: TrainConfig, config: GPT2Config) -> Any:

@@ -23,8 +23,8 @@ projection; merging ``W + scale * A @ B`` explicitly would need it, to push it o
 ``B``). Memory for the adapters' gradients and optimizer state is ``O(L r (in + out))``; the frozen
 base needs no gradient and no optimizer state at all.
 
-:func:`merge_lora` folds the adapters into the weights for export (``W + scale * A @ B`` in
-float32): the result is an ordinary parameter tree that every other command uses.
+:func:`merge_lora` folds the adapters into the weights for export (``W + scale * A @ B``, kept
+in float32): the result is an ordinary parameter tree that every other command uses.
 """
 
 from __future__ import annotations
@@ -117,8 +117,13 @@ def make_prepare(scale: float):
 
 
 def merge_lora(params: Any, lora: Any, scale: float) -> dict:
-    """``params`` with every adapted weight replaced by ``W + scale * A @ B`` (in float32, then
-    cast back to ``W``'s dtype): the fine-tuned model as an ordinary parameter tree."""
+    """``params`` with every adapted weight replaced by ``W + scale * A @ B`` in float32: the
+    fine-tuned model as an ordinary parameter tree (the other leaves are left as they are).
+
+    The merged weights stay float32 even over a bfloat16 base: a trained delta is often smaller
+    than bfloat16's resolution at ``W`` (8 significant bits), and casting back would round it
+    away.
+    Whoever wants fewer bits rounds later, knowingly (``export --dtype``)."""
     h = dict(params["h"])
     for block, proj in TARGETS:
         layer = lora["h"][block][proj]
@@ -126,7 +131,7 @@ def merge_lora(params: Any, lora: Any, scale: float) -> dict:
         delta = jnp.einsum(
             "lir,lro->lio", jnp.asarray(layer[A], jnp.float32), jnp.asarray(layer[B], jnp.float32)
         )
-        merged = (jnp.asarray(w, jnp.float32) + scale * delta).astype(w.dtype)
+        merged = jnp.asarray(w, jnp.float32) + scale * delta
         h[block] = dict(h[block])
         h[block][proj] = {**h[block][proj], "w": merged}
     return {**params, "h": h}
@@ -138,15 +143,13 @@ def num_lora_params(config: GPT2Config, rank: int) -> int:
     return config.n_layer * rank * sum((i + o) * C for i, o in TARGETS.values())
 
 
-def restore_run(path: str, config: GPT2Config, train: Any, step: int, dtype: Any = None) -> dict:
-    """The model checkpoint ``step`` of a LoRA run stands for: its adapters (what the run saves)
-    merged into the base model the run started from (``train.model``, or ``train.init``'s
-    random weights, which the seed determines). ``train`` is the run's ``TrainConfig``."""
+def restore_adapters(path: str, config: GPT2Config, train: Any, step: int) -> dict:
+    """The adapters checkpoint ``step`` of a LoRA run saved. ``train`` is the run's
+    ``TrainConfig``."""
     import orbax.checkpoint as ocp
     from etils import epath
 
     from gpt2jax.errors import CheckpointError
-    from gpt2jax.model import init_params
     from gpt2jax.runs import CHECKPOINTS
 
     params_dir = epath.Path(os.path.abspath(path)) / CHECKPOINTS / str(step) / "params"
@@ -160,6 +163,19 @@ def restore_run(path: str, config: GPT2Config, train: Any, step: int, dtype: Any
         ) from None
     finally:
         handler.close()
+    return adapters
+
+
+def restore_run(path: str, config: GPT2Config, train: Any, step: int, dtype: Any = None) -> dict:
+    """The model checkpoint ``step`` of a LoRA run stands for: its adapters (what the run saves)
+    merged into the base model the run started from (``train.model``, or ``train.init``'s
+    random weights, which the seed determines). ``train`` is the run's ``TrainConfig``.
+
+    The model is float32 unless ``dtype`` asks for another: the adapters' deltas need float32
+    to survive (:func:`merge_lora`), whatever dtype the base was trained in."""
+    from gpt2jax.model import init_params
+
+    adapters = restore_adapters(path, config, train, step)
     if train.init is not None:
         base = init_params(config, train.seed)
     else:
@@ -168,4 +184,4 @@ def restore_run(path: str, config: GPT2Config, train: Any, step: int, dtype: Any
         base = load(train.model).params
     base = jax.tree.map(lambda x: jnp.asarray(x, train.param_dtype), base)
     merged = merge_lora(base, adapters, lora_scale(train.lora_rank, train.lora_alpha))
-    return merged if dtype is None else jax.tree.map(lambda x: x.astype(dtype), merged)
+    return jax.tree.map(lambda x: x.astype(jnp.float32 if dtype is None else dtype), merged)

@@ -286,14 +286,12 @@ class GPT2(nn.Module):
         wpe = self.param(
             "wpe", nn.initializers.normal(0.01), (cfg.n_ctx, cfg.n_embd), self.param_dtype
         )
-        x = (jnp.take(wte, ids, axis=0) + jnp.take(wpe, positions, axis=0)).astype(self.dtype)
+        x = embed(wte, wpe, ids, positions, self.dtype)
         x = nn.Dropout(cfg.dropout, deterministic=deterministic)(x)  # (B, T, C)
 
         # Which keys each query may attend to: causal over slots, and the padding mask.
         S = T if cache is None else cache.k.shape[3]
-        q_slot = cache_index + jnp.arange(T)
-        allowed = jnp.arange(S)[None, :] <= q_slot[:, None]  # (T, S)
-        allowed = jnp.broadcast_to(allowed, (B, T, S))
+        allowed = causal_mask(B, T, S, cache_index)
         if mask is not None:
             allowed = allowed & mask[:, None, :].astype(bool)
 
@@ -329,6 +327,19 @@ class GPT2(nn.Module):
         return GPT2Output(
             logits=logits, last_hidden=h, hidden_states=hidden_states, cache=new_cache
         )
+
+
+def embed(wte: Array, wpe: Array, ids: Array, positions: Array, dtype: Any) -> Array:
+    """Token plus position embeddings ``(B, T, C)`` in ``dtype`` (before dropout)."""
+    return (jnp.take(wte, ids, axis=0) + jnp.take(wpe, positions, axis=0)).astype(dtype)
+
+
+def causal_mask(batch: int, length: int, slots: int, cache_index: Array | int = 0) -> Array:
+    """``(B, T, S)`` bool: query ``t`` (in cache slot ``cache_index + t``) may attend to the
+    slots at or before its own."""
+    q_slot = cache_index + jnp.arange(length)
+    allowed = jnp.arange(slots)[None, :] <= q_slot[:, None]  # (T, S)
+    return jnp.broadcast_to(allowed, (batch, length, slots))
 
 
 def lm_head(wte: Array, h: Array) -> Array:

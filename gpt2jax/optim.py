@@ -1,14 +1,22 @@
 """Optimizers and learning-rate schedules for fine-tuning (optax).
 
-* ``adamw`` (default): the chain ``optax.adamw`` builds (Adam's moments, then decoupled weight
-  decay as in Loshchilov & Hutter and ``torch.optim.AdamW``, then the learning rate; the tests
-  check one step against torch), with Adam from :func:`gpt2jax.lowp.scale_by_adam_lowp` so that
+* ``adamw`` (default): Adam's moments, then decoupled weight decay, then the learning rate,
+  which is ``torch.optim.AdamW``; Adam from :func:`gpt2jax.lowp.scale_by_adam_lowp` so that
   ``state_dtype`` (``--opt-state-dtype``) can keep the moments in bfloat16. Defaults are
   torch's: betas (0.9, 0.999), eps 1e-8, weight decay 0.01.
-* ``adafactor``: ``optax.adafactor`` with its defaults (factored second moments, update clipping
-  1.0, updates scaled by each parameter's RMS), ``--weight-decay`` as its decay rate.
-* ``sgd``: ``optax.sgd`` with momentum 0.9 (its trace in ``state_dtype``,
-  :func:`gpt2jax.lowp.scale_by_momentum_lowp`), weight decay added to the gradient first.
+* ``adafactor``: :func:`scale_by_adafactor`, ``transformers.optimization.Adafactor`` with an
+  external learning rate (``relative_step=False``) and its other defaults: factored second
+  moments of every >= 2-D parameter, update clipping 1.0, the step scaled by the parameter's RMS
+  (``scale_parameter=True``), no first moment. Its state stays float32.
+* ``sgd``: heavy-ball momentum 0.9 (its trace in ``state_dtype``,
+  :func:`gpt2jax.lowp.scale_by_momentum_lowp`), ``torch.optim.SGD(momentum=0.9,
+  weight_decay=wd)``: weight decay is added to the gradient first (coupled, as torch does).
+
+Weight decay is multiplied by the learning rate in every optimizer, so a small ``--lr`` keeps the
+weights close to where they started: AdamW and Adafactor take ``lr * wd * p`` off beside the
+gradient's step (decoupled), SGD adds ``wd * p`` to the gradient. Adafactor's rate is ``lr`` times
+the parameter's RMS, for the step and the decay alike, as in transformers. (``optax.adafactor``'s
+own decay is not scaled by the rate: at any ``--lr`` it shrank the weights by ``wd`` every step.)
 
 Weight decay applies to the four matmul weights of each block only (``c_attn/w``, ``c_proj/w``,
 ``c_fc/w``, ``mlp/c_proj/w``): never to biases, LayerNorm gains/biases, or the token and
@@ -16,6 +24,8 @@ position embeddings, as minGPT's ``configure_optimizers`` decides (``wte`` is al
 and decaying it pulls rare tokens' embeddings towards zero).
 
 Every optimizer is preceded by clipping the gradient to a global L2 norm (``--clip``, 0 = off).
+The tests check all three, through :class:`gpt2jax.layerwise.Layerwise`, against torch and
+transformers over several steps.
 
 Schedules (``schedule(step)`` is the rate of the update that makes step ``step + 1``): a linear
 warmup from ``lr / warmup`` to ``lr`` over the first ``warmup`` updates, then ``constant``,
@@ -26,7 +36,7 @@ warmup from ``lr / warmup`` to ``lr`` over the first ``warmup`` updates, then ``
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -72,6 +82,89 @@ def decay_mask(params: Any) -> Any:
     )
 
 
+class AdafactorState(NamedTuple):
+    count: jax.Array  # () int32: updates done (Adafactor's per-parameter ``step``)
+    row: Any  # per leaf (..., R) moving mean over the last axis of g^2 + eps1; () if unfactored
+    col: Any  # per leaf (..., C) moving mean over the second-last axis; () if unfactored
+    full: Any  # per leaf the whole second moment (shape of the leaf) if unfactored; () otherwise
+
+
+def _rms(x: jax.Array) -> jax.Array:
+    return jnp.sqrt(jnp.mean(jnp.square(x)))
+
+
+def scale_by_adafactor(
+    schedule: optax.Schedule,
+    *,
+    weight_decay: float = 0.0,
+    mask: Any = None,
+    decay_rate: float = -0.8,
+    clip_threshold: float = 1.0,
+    eps: tuple[float, float] = (1e-30, 1e-3),
+) -> optax.GradientTransformation:
+    """Adafactor as ``transformers.optimization.Adafactor(lr=schedule(step),
+    scale_parameter=True, relative_step=False, beta1=None, weight_decay=weight_decay)``, the
+    learning rate and the decay included: the updates are the whole change of the parameters.
+
+    ``mask`` (a callable on the parameters, or a tree of bools) picks the decayed leaves. Every
+    statistic is per leaf, so a leaf is one tensor as transformers would see it: under
+    :class:`gpt2jax.layerwise.Layerwise` one layer's matrix.
+    """
+    eps1, eps2 = eps
+
+    def factored(shape: tuple[int, ...]) -> bool:
+        return len(shape) >= 2
+
+    def init(params: Any) -> AdafactorState:
+        # Separate trees built by separate calls: a donated state must not alias itself.
+        def zeros(shape_of) -> Any:
+            return jax.tree.map(lambda p: jnp.zeros(shape_of(p.shape), jnp.float32), params)
+
+        return AdafactorState(
+            count=jnp.zeros((), jnp.int32),
+            row=zeros(lambda s: s[:-1] if factored(s) else ()),
+            col=zeros(lambda s: s[:-2] + s[-1:] if factored(s) else ()),
+            full=zeros(lambda s: () if factored(s) else s),
+        )
+
+    def update(grads: Any, state: AdafactorState, params: Any = None) -> tuple[Any, AdafactorState]:
+        if params is None:
+            raise ValueError("Adafactor scales its step by the parameters: pass them to update")
+        lr = jnp.asarray(schedule(state.count), jnp.float32)  # the rate of this update
+        count = optax.safe_increment(state.count)
+        # Second-moment decay 1 - t^-0.8: 0 on the first update (the moment is that step's g^2),
+        # then a mean over ever more steps.
+        beta2 = 1.0 - count.astype(jnp.float32) ** decay_rate
+        decayed = mask(params) if callable(mask) else mask
+        if decayed is None or weight_decay == 0:
+            decayed = jax.tree.map(lambda _: False, params)
+
+        def one(g, p, row, col, full, decay: bool):
+            g = g.astype(jnp.float32)
+            p = p.astype(jnp.float32)
+            g2 = jnp.square(g) + eps1
+            if factored(g.shape):
+                row = beta2 * row + (1.0 - beta2) * jnp.mean(g2, axis=-1)  # (..., R)
+                col = beta2 * col + (1.0 - beta2) * jnp.mean(g2, axis=-2)  # (..., C)
+                # The rank-1 estimate of the second moment row * col / mean(row).
+                r = jax.lax.rsqrt(row / jnp.mean(row, axis=-1, keepdims=True))  # (..., R)
+                u = g * r[..., :, None] * jax.lax.rsqrt(col)[..., None, :]
+            else:
+                full = beta2 * full + (1.0 - beta2) * g2
+                u = g * jax.lax.rsqrt(full)
+            u = u / jnp.maximum(1.0, _rms(u) / clip_threshold)
+            step = lr * jnp.maximum(eps2, _rms(p))  # relative to the parameter before the update
+            if decay:
+                u = u + weight_decay * p
+            return -step * u, row, col, full
+
+        out = jax.tree.map(one, grads, params, state.row, state.col, state.full, decayed)
+        pick = lambda i: jax.tree.map(lambda _, t: t[i], grads, out)  # noqa: E731
+        return pick(0), AdafactorState(count, pick(1), pick(2), pick(3))
+
+    return optax.GradientTransformation(init, update)
+
+
 def make_optimizer(
     name: str,
     schedule: optax.Schedule,
@@ -84,7 +177,7 @@ def make_optimizer(
     state_dtype: Any = jnp.float32,
 ) -> optax.GradientTransformation:
     """Gradient clipping then ``name`` (``adamw``, ``adafactor`` or ``sgd``), decay masked;
-    AdamW's moments and SGD's momentum are stored in ``state_dtype``."""
+    AdamW's moments and SGD's momentum are stored in ``state_dtype`` (Adafactor's: float32)."""
     if weight_decay < 0:
         raise ConfigError(f"--weight-decay must be >= 0, got {weight_decay}")
     if clip < 0:
@@ -96,9 +189,7 @@ def make_optimizer(
             optax.scale_by_learning_rate(schedule),
         )
     elif name == "adafactor":
-        base = optax.adafactor(
-            schedule, weight_decay_rate=weight_decay or None, weight_decay_mask=decay_mask
-        )
+        base = scale_by_adafactor(schedule, weight_decay=weight_decay, mask=decay_mask)
     elif name == "sgd":
         base = optax.chain(
             optax.add_decayed_weights(weight_decay, decay_mask),

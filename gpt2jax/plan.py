@@ -46,6 +46,7 @@ import optax
 from gpt2jax.config import GPT2Config
 from gpt2jax.errors import ConfigError
 from gpt2jax.recipe import MemorySettings, build
+from gpt2jax.runs import SAVE_CONCURRENT_GB
 
 GiB = 2**30
 LOSS_CHUNK = 128  # positions per chunk when the planner chunks the loss
@@ -84,22 +85,75 @@ class Row:
     """A candidate and what the planner found out about it."""
 
     candidate: Candidate
-    peak: int | None  # predicted bytes (per device), None when not compiled
+    peak: int | None  # predicted whole-run bytes (per device), None when not compiled
     fits: bool
     why: str
+    approximate: tuple[str, ...] = ()  # what the planner changed that changes the maths
+
+
+def approximations(c: Candidate, base: MemorySettings) -> tuple[str, ...]:
+    """What the planner changed in ``base`` (the settings given) that computes something other
+    than the given settings do: another optimizer, bfloat16 optimizer state. Remat, chunked loss
+    and micro-batches are exact (same numbers up to float rounding)."""
+    s, out = c.settings, []
+    if s.optimizer != base.optimizer:
+        out.append(f"{s.optimizer} instead of {base.optimizer}")
+    if s.opt_state_dtype != base.opt_state_dtype:
+        out.append(f"{s.opt_state_dtype} optimizer state instead of {base.opt_state_dtype}")
+    return tuple(out)
+
+
+def approximate_settings(s: MemorySettings) -> list[str]:
+    """Every setting of ``s`` whose numbers differ from float32 AdamW training of the whole
+    model (the reference; BENCHMARKS.md measures how much)."""
+    out = []
+    if s.optimizer != "adamw":
+        out.append(f"optimizer {s.optimizer}")
+    for name in ("compute_dtype", "param_dtype", "opt_state_dtype"):
+        if getattr(s, name) != "float32":
+            out.append(f"{name.replace('_', '-')} {getattr(s, name)}")
+    if s.lora_rank:
+        out.append(f"lora-rank {s.lora_rank}")
+    if s.freeze:
+        out.append(f"freeze {s.freeze}")
+    return out
 
 
 def parse_memory(text: str) -> int:
-    """Bytes of a budget like ``16GB``, ``15.5GiB``, ``800MB``. Accelerator memory is sold in
-    binary units (a "16 GB" TPU v5e or V100 has 16 GiB), so GB means GiB here."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]i?B?)?\s*", text, re.IGNORECASE)
+    """Bytes of a budget like ``16GB`` (16 x 10^9), ``15GiB`` (15 x 2^30) or ``800MB``: SI
+    units are decimal, ``KiB``/``MiB``/``GiB``/``TiB`` binary; a bare number is bytes."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(?:([KMGT])(i?)B?)?\s*", text, re.IGNORECASE)
     if not m:
         raise ConfigError(f"--memory {text!r} is not a size like 16GB, 15.5GiB or 800MB")
-    unit = (m.group(2) or "B").upper().rstrip("B").rstrip("I")
-    value = float(m.group(1)) * 1024 ** "_KMGT".index(unit or "_")
-    if value <= 0:
-        raise ConfigError(f"--memory must be positive, got {text!r}")
+    unit, binary = (m.group(2) or "").upper(), bool(m.group(3))
+    power = "_KMGT".index(unit or "_")
+    value = float(m.group(1)) * (1024 if binary else 1000) ** power
+    if not value > 0 or not np.isfinite(value):
+        raise ConfigError(f"--memory must be a positive size, got {text!r}")
     return int(value)
+
+
+def resolve_memory(text: str) -> tuple[int, str]:
+    """``(bytes, how it was read)`` of ``--memory``: a size (:func:`parse_memory`), or ``auto``:
+    the first device's ``bytes_limit`` where the backend reports one (GPUs, TPUs), else the
+    machine's physical memory (the CPU backend)."""
+    if text.strip().lower() != "auto":
+        n = parse_memory(text)
+        return n, f"{text.strip()} = {format_bytes(n)}"
+    device = jax.local_devices()[0]
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    if stats and stats.get("bytes_limit"):
+        n = int(stats["bytes_limit"])
+        return n, f"auto = {format_bytes(n)} ({device.device_kind}'s bytes_limit)"
+    import os
+
+    n = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return n, f"auto = {format_bytes(n)} (this machine's physical memory)"
+
+
+def format_bytes(n: float) -> str:
+    """``n`` bytes in both units, e.g. ``16.00 GB (14.90 GiB)``."""
+    return f"{n / 1e9:.2f} GB ({n / GiB:.2f} GiB)"
 
 
 def usable_bytes(budget: int) -> int:
@@ -199,6 +253,8 @@ class Planner:
         clip: float = 1.0,
         n_devices: int = 1,
         fsdp: Any = None,
+        sample_length: int = 64,
+        runtime: int | None = None,
     ) -> None:
         if not 1 <= seq_len <= config.n_ctx:
             raise ConfigError(f"--seq-len must be in [1, {config.n_ctx}], got {seq_len}")
@@ -206,6 +262,15 @@ class Planner:
         self.weight_decay, self.clip = weight_decay, clip
         self.fsdp = fsdp
         self.n_devices = fsdp.num_devices if fsdp is not None else n_devices
+        self.sample_length = sample_length
+        self._runtime = runtime
+        self._eval_temp: dict[tuple, int] = {}
+
+    @property
+    def runtime(self) -> int:
+        """The process's own share of the budget (:func:`runtime_bytes`), measured once the
+        compiler has run (its code stays resident), unless given."""
+        return runtime_bytes() if self._runtime is None else self._runtime
 
     def _step(self, c: Candidate) -> tuple[Callable, Any, Any]:
         """``(jitted step, abstract state, abstract batch)`` of a candidate."""
@@ -218,7 +283,10 @@ class Planner:
             self.config, c.settings, schedule, weight_decay=self.weight_decay, clip=self.clip,
             extra_prepare=extra,
         )  # fmt: skip
-        step = make_train_step(recipe.model, recipe.tx, loss_fn=recipe.loss_fn, schedule=schedule)
+        step = make_train_step(
+            recipe.model, recipe.tx, loss_fn=recipe.loss_fn, schedule=schedule,
+            accumulate=recipe.accumulate,
+        )  # fmt: skip
         trained, frozen = recipe.abstract_params()
         state = jax.eval_shape(
             lambda p, f: TrainState.create(p, recipe.tx, 0, frozen=f), trained, frozen
@@ -239,7 +307,8 @@ class Planner:
         _, state, _ = self._step(c)
         total = _bytes(state, self.fsdp)
         grads = _bytes(state.params, self.fsdp)
-        return total + grads * (2 if c.grad_accum > 1 else 1)
+        summed = c.grad_accum > 1 and not in_place_accumulation(c.settings)
+        return total + grads * (2 if summed else 1)
 
     def compile(self, c: Candidate) -> tuple[Any, float]:
         """``(compiled step, seconds it took)``, from abstract inputs (nothing allocated)."""
@@ -252,6 +321,95 @@ class Planner:
         """``(peak bytes, details)`` from the compiled step's memory analysis."""
         compiled, seconds = self.compile(c)
         return peak_bytes(compiled), {**memory_details(compiled), "compile_s": seconds}
+
+    def whole_run(self, c: Candidate) -> tuple[int, dict[str, int]]:
+        """``(peak bytes, parts)`` of a whole ``finetune`` run of ``c``, per device: the runtime
+        (on the CPU the process's own resident memory, measured when the planner was made), plus
+        the largest of what is alive at once during a step (compiled), an evaluation (the train
+        state plus the compiled evaluation's temporaries) and a sample (the train state plus the
+        decoding cache and logits). Start-up and checkpoints add no copy of the state
+        (:mod:`gpt2jax.finetune`)."""
+        step, details = self.predict(c)
+        _, state, _ = self._step(c)
+        state_bytes = _bytes(state, self.fsdp)
+        if self._runtime is None:  # now that the compiler has run
+            self._runtime = runtime_bytes()
+        # orbax writes up to SAVE_CONCURRENT_GB at once (a larger leaf alone), copying it
+        largest = max(_bytes(x, self.fsdp) for x in jax.tree.leaves(state))
+        writing = min(state_bytes, max(largest, SAVE_CONCURRENT_GB * GiB))
+        parts = {
+            "runtime": self._runtime,
+            "step": step,
+            "eval": state_bytes + self.eval_temporaries(c),
+            "sample": state_bytes + self.sample_bytes(c),
+            "save": state_bytes + writing,
+            "state": state_bytes,
+            **{k: int(v) for k, v in details.items() if k != "compile_s"},
+        }
+        phases = ("step", "eval", "sample", "save")
+        return self._runtime + max(parts[k] for k in phases), parts
+
+    def eval_temporaries(self, c: Candidate) -> int:
+        """Temporaries of the compiled evaluation step (the run evaluates ``micro_batch`` windows
+        per call, spread over the devices)."""
+        from gpt2jax.train import make_eval_step
+
+        s = c.settings
+        key = (c.micro_batch, s.loss_chunk, s.compute_dtype, s.param_dtype, s.lora_rank)
+        if key not in self._eval_temp:
+            recipe = build(self.config, s, optax.constant_schedule(1e-4))
+            params = recipe.abstract_params()
+            rows = max(1, c.micro_batch // self.n_devices)
+            windows = jax.ShapeDtypeStruct((rows, self.seq_len + 1), jnp.int32)
+            weights = jax.ShapeDtypeStruct((rows, self.seq_len), jnp.float32)
+            step = make_eval_step(recipe.model, None, loss_fn=recipe.loss_fn)
+            if self.fsdp is not None:
+                params = self.fsdp.abstract(params)
+                compiled = self.fsdp.compile_eval_step(step).lower(params, windows, weights)
+            else:
+                compiled = jax.jit(step).lower(params, windows, weights)
+            m = compiled.compile().memory_analysis()
+            self._eval_temp[key] = int(m.temp_size_in_bytes + m.output_size_in_bytes)
+        return self._eval_temp[key]
+
+    def sample_bytes(self, c: Candidate) -> int:
+        """What sampling adds to the state (an estimate from shapes, prompts up to 64 tokens):
+        the float32 KV cache, the prompt's logits, and on accelerators one layer's weights
+        sliced at a time (on the CPU the sampler reads the state's own buffers)."""
+        from gpt2jax.generate import cache_bucket, prompt_bucket
+
+        cfg = self.config
+        prompt = prompt_bucket(64, cfg.n_ctx)
+        slots = min(cache_bucket(prompt + self.sample_length), cfg.n_ctx + 64)
+        rows = 2  # the sampler decodes 16-bit weights two rows at a time on the CPU
+        cache = 2 * cfg.n_layer * rows * slots * cfg.n_embd * 4
+        logits = rows * prompt * cfg.n_vocab * 4 * 2  # logits and their softmax
+        layer = 0 if jax.default_backend() == "cpu" else 12 * cfg.n_embd**2 * 4
+        return cache + logits + layer + rows * prompt * 4 * cfg.n_embd * 4 * 4
+
+
+def runtime_bytes() -> int:
+    """What the process itself occupies in the memory the budget covers: on the CPU its
+    resident memory now (Python, JAX and the compiler, the libraries a run loads); on an
+    accelerator nothing (the budget's reserve covers the runtime's buffers there)."""
+    if jax.default_backend() != "cpu":
+        return 0
+    import orbax.checkpoint  # noqa: F401  (resident during a run: its share counts)
+
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def in_place_accumulation(s: MemorySettings) -> bool:
+    """Whether micro-batch gradients go into one buffer layer by layer (:mod:`gpt2jax.recipe`
+    decides the same way: full-model training with block remat, data parallel)."""
+    return s.remat == "block" and not s.lora_rank and s.freeze is None and s.parallel == "data"
 
 
 def peak_bytes(compiled: Any) -> int:
@@ -307,9 +465,13 @@ def search(
     rows: list[Row] = []
     for size in _batch_sizes(batch_size, batch_given, planner.n_devices):
         failed: list[Candidate] = []
+        # Exact candidates first (approximations only when nothing exact fits), then by speed.
         order = sorted(
             candidates(base, size, planner.n_devices, fixed, grad_accum, planner.seq_len),
-            key=lambda c: expected_cost(c, planner.seq_len, planner.n_devices),
+            key=lambda c: (
+                len(approximations(c, base)),
+                expected_cost(c, planner.seq_len, planner.n_devices),
+            ),
         )
         # The leanest candidates first (with and without accumulation: neither needs less
         # memory in every respect): when they do not fit, nothing at this batch size does.
@@ -317,14 +479,14 @@ def search(
         leanest = [min(g, key=_memory_rank) for g in groups if g]
         decided: dict[Candidate, Row] = {}
         for c in leanest:
-            decided[c] = row = _decide(planner, c, limit, failed)
+            decided[c] = row = _decide(planner, c, limit, failed, base)
             _record(rows, row, show)
             if not row.fits:
                 failed.append(c)
         if not any(decided[c].fits for c in leanest):
             continue
         for c in order:
-            row = decided.get(c) or _decide(planner, c, limit, failed)
+            row = decided.get(c) or _decide(planner, c, limit, failed, base)
             if row is None:
                 continue
             if c not in decided:
@@ -350,34 +512,60 @@ def _batch_sizes(batch_size: int, given: bool, n_devices: int) -> Iterator[int]:
             size //= 2
 
 
-def _decide(planner: Planner, c: Candidate, limit: int, failed: list[Candidate]) -> Row | None:
+def _decide(
+    planner: Planner, c: Candidate, limit: int, failed: list[Candidate], base: MemorySettings
+) -> Row | None:
     """A row for ``c``, or None when it is implied by a candidate that already did not fit."""
     if any(_needs_at_least(c, f) for f in failed):
         return None
-    floor = planner.state_bytes(c)
+    approx = approximations(c, base)
+    floor = planner.state_bytes(c) + planner.runtime
     if floor > limit:
-        return Row(c, None, False, f"state + gradients alone need {floor / GiB:.2f} GiB")
-    peak, d = planner.predict(c)
+        why = f"runtime + state + gradients alone need {format_bytes(floor)}"
+        return Row(c, None, False, why, approx)
+    peak, d = planner.whole_run(c)
     parts = (
-        f"args {d['arguments'] / GiB:.2f} + out {d['outputs'] / GiB:.2f} + temp "
-        f"{d['temporaries'] / GiB:.2f} - aliased {d['aliased'] / GiB:.2f} GiB"
+        f"runtime {d['runtime'] / GiB:.2f} + max(step {d['step'] / GiB:.2f}, eval "
+        f"{d['eval'] / GiB:.2f}, sample {d['sample'] / GiB:.2f}, save {d['save'] / GiB:.2f}) GiB"
     )
-    return Row(c, peak, peak <= limit, parts)
+    return Row(c, peak, peak <= limit, parts, approx)
 
 
 def format_row(row: Row) -> str:
     peak = "-" if row.peak is None else f"{row.peak / GiB:6.2f} GiB"
     verdict = "fits" if row.fits else "too big"
-    return f"{row.candidate.describe():<58} {peak:>10}  {verdict:<7}  {row.why}"
+    exact = "approx" if row.approximate else "exact"
+    return f"{row.candidate.describe():<58} {exact:<6} {peak:>10}  {verdict:<7}  {row.why}"
 
 
 def header(budget: int) -> str:
     limit = usable_bytes(budget)
     return (
-        f"budget {budget / GiB:.2f} GiB, of which {limit / GiB:.2f} GiB for the step "
-        f"(peak = arguments + outputs + temporaries - aliased, compiled, per device)\n"
-        f"{'configuration':<58} {'peak':>10}  {'verdict':<7}  why"
+        f"budget {format_bytes(budget)}, of which {format_bytes(limit)} for the whole run "
+        f"(the rest is reserve); peak = runtime + the largest of a step (arguments + outputs + "
+        f"temporaries - aliased, compiled), an evaluation and a sample, per device\n"
+        f"{'configuration':<58} {'maths':<6} {'peak':>10}  {'verdict':<7}  why"
     )
+
+
+def chosen_line(row: Row, base: MemorySettings) -> str:
+    """``chosen: --flags ...`` and, on its own line, what in it is approximate."""
+    c = row.candidate
+    flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in describe_choice(c).items())
+    text = f"chosen: {flags}\n"
+    peak = "" if row.peak is None else f", whole run {format_bytes(row.peak)}"
+    if row.approximate:
+        text += (
+            f"APPROXIMATE{peak}: nothing exact fits, so the planner chose "
+            f"{'; '.join(row.approximate)} (an approximation of the settings given; "
+            f"BENCHMARKS.md has the measured effect on quality)"
+        )
+    else:
+        text += f"exact{peak}: the same maths as the settings given (up to float rounding)"
+    given = approximate_settings(base)
+    if given:
+        text += f"\nsettings given that are approximate: {', '.join(given)}"
+    return text
 
 
 def describe_choice(c: Candidate) -> dict[str, Any]:

@@ -35,6 +35,7 @@ import optax
 
 from gpt2jax import freeze as freezing
 from gpt2jax import lora
+from gpt2jax.accumulate import Accumulate, make_accumulate
 from gpt2jax.config import GPT2Config
 from gpt2jax.errors import ConfigError
 from gpt2jax.layerwise import Layerwise
@@ -105,6 +106,9 @@ class Recipe:
     loss_fn: LossFn
     settings: MemorySettings
     lora_scale: float | None
+    #: in-place gradient accumulation (:mod:`gpt2jax.accumulate`) for full-model training with
+    #: block remat; None: micro-batch gradients are summed whole
+    accumulate: Accumulate | None = None
 
     def split(self, params: Any, seed: int) -> tuple[Any, Any]:
         """``(trained, frozen)`` parts of the starting model's parameters, in ``param_dtype``:
@@ -176,4 +180,10 @@ def build(
     loss_fn = make_token_losses(
         model, loss_chunk=settings.loss_chunk, prepare=chain(*prepares) if prepares else None
     )
-    return Recipe(model=model, tx=tx, loss_fn=loss_fn, settings=settings, lora_scale=scale)
+    accumulate = None
+    if settings.remat == "block" and not prepares:  # the model's own tree, trained whole
+        accumulate = make_accumulate(model, settings.loss_chunk)
+    return Recipe(
+        model=model, tx=tx, loss_fn=loss_fn, settings=settings, lora_scale=scale,
+        accumulate=accumulate,
+    )  # fmt: skip

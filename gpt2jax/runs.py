@@ -45,6 +45,7 @@ CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
 SAMPLES = "samples.txt"
 PLOT = "loss.png"
+SAVE_CONCURRENT_GB = 1  # orbax's limit on bytes being written at once (see Checkpoints)
 TRASH = ".deleted"  # checkpoints/.deleted: old checkpoints are renamed here, then deleted
 
 
@@ -65,6 +66,10 @@ class TrainConfig:
     column: str | None = None
     field: str | None = None
     steps: int = 1000
+    # Updates the lr schedule decays over. None until a new run records its `steps` here, so
+    # that a resume with more steps keeps the horizon instead of re-stretching a decayed
+    # schedule (and raising the lr); run.json files written before it existed hold no value.
+    schedule_steps: int | None = None
     batch_size: int = 8
     grad_accum: int = 1
     seq_len: int | None = None
@@ -95,10 +100,13 @@ class TrainConfig:
     lora_alpha: float | None = None
     freeze: str | None = None
     memory: str | None = None  # the budget the settings were planned for, as given
+    # what in these settings approximates float32 AdamW of the whole model (set by --memory)
+    approximate: list[str] = dataclasses.field(default_factory=list)
 
     #: Fields a resumed run may change; anything else would make it a different run.
     RESUMABLE = (
         "steps",
+        "schedule_steps",
         "eval_every",
         "eval_batches",
         "sample_every",
@@ -128,6 +136,8 @@ class TrainConfig:
                 )
         if self.seq_len is not None and self.seq_len < 1:
             raise ConfigError(f"--seq-len must be >= 1, got {self.seq_len}")
+        if self.schedule_steps is not None and self.schedule_steps <= 0:
+            raise ConfigError(f"--schedule-steps must be > 0, got {self.schedule_steps}")
         from gpt2jax.recipe import MemorySettings
 
         MemorySettings.of(self).validate()
@@ -284,9 +294,21 @@ class Checkpoints:
             cleanup_tmp_directories=True,  # what a killed save left behind
             todelete_subdir=TRASH,
         )
+        # One array in flight at a time (the limit is whole GB; a larger leaf still goes alone):
+        # TensorStore copies what it writes, so a save then costs the largest leaf, not a
+        # second copy of the whole state (gpt2jax.plan counts it).
+        arrays = lambda: ocp.StandardCheckpointHandler(  # noqa: E731
+            save_concurrent_gb=SAVE_CONCURRENT_GB, restore_concurrent_gb=SAVE_CONCURRENT_GB
+        )
         try:
             self.manager = ocp.CheckpointManager(
-                self.directory, options=options, item_names=("params", "opt_state", "meta")
+                self.directory,
+                options=options,
+                item_handlers={
+                    "params": arrays(),
+                    "opt_state": arrays(),
+                    "meta": ocp.JsonCheckpointHandler(),
+                },
             )
         except OSError as e:
             raise Gpt2JaxError(f"{run_path}: cannot write checkpoints ({e.strerror})") from None

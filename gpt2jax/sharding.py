@@ -125,11 +125,17 @@ class FSDP:
         """Puts host or device arrays onto the devices, sharded."""
         return jax.device_put(tree, self.shardings(tree))
 
-    def init(self, fn: Callable[..., Any], *args: Any) -> Any:
+    def init(self, fn: Callable[..., Any], *args: Any, donate: bool = False) -> Any:
         """``fn(*args)`` computed straight into its sharding (never whole on one device), e.g.
-        the optimizer state: ``fsdp.init(tx.init, params)``; ``args`` are arrays."""
+        the optimizer state: ``fsdp.init(tx.init, params)``; ``args`` are arrays, consumed with
+        ``donate``."""
         shapes = jax.eval_shape(fn, *args)
-        return jax.jit(fn, out_shardings=self.shardings(shapes))(*args)
+        donated = tuple(range(len(args))) if donate else ()
+        return jax.jit(fn, out_shardings=self.shardings(shapes), donate_argnums=donated)(*args)
+
+    def local_view(self, tree: Any) -> Any:
+        """The arrays themselves (sharded; jit gathers what it needs): valid until donated."""
+        return tree
 
     def compile_train_step(self, train_step: Callable, state_shapes: Any = None) -> Callable:
         """``train_step(state, batch) -> (state, metrics)`` jitted with the state sharded (and

@@ -39,8 +39,9 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from gpt2jax.accumulate import Accumulate
 from gpt2jax.errors import ConfigError
-from gpt2jax.layerwise import apply_optimizer
+from gpt2jax.layerwise import LayerwiseState, apply_optimizer
 from gpt2jax.loss import LossFn, make_token_losses
 from gpt2jax.model import GPT2
 from gpt2jax.progress import progress_bar
@@ -93,6 +94,7 @@ def make_train_step(
     schedule: optax.Schedule | None = None,
     skip_nonfinite: bool = False,
     axis_name: str | None = None,
+    accumulate: Accumulate | None = None,
 ) -> Callable[[TrainState, jax.Array], tuple[TrainState, Metrics]]:
     """The pure training step (not yet compiled; see :class:`DataParallel`).
 
@@ -105,11 +107,16 @@ def make_train_step(
             (:func:`gpt2jax.loss.make_token_losses`; default: the plain loss of ``model``); it
             is differentiated with respect to ``state.params`` only, ``state.frozen`` (LoRA's
             base model) is a constant.
-        schedule: the learning rate schedule inside ``tx``, reported as ``metrics["lr"]``.
+        schedule: the learning rate schedule inside ``tx``; ``metrics["lr"]`` reports the rate
+            this update applied (0 for a skipped one).
         skip_nonfinite: when the loss or gradient norm is NaN/inf, keep the params and optimizer
             state unchanged (the step counter still advances); otherwise the update is applied
             and the caller is expected to stop on ``metrics["finite"] == False``.
         axis_name: the pmapped axis to average gradients and metrics over (None: one device).
+        accumulate: with more than one micro-batch, accumulate the gradient in one buffer
+            layer by layer (:func:`gpt2jax.accumulate.make_accumulate`, full-model training
+            only: it differentiates ``state.params`` as the model's own tree) instead of adding
+            each micro-batch's whole gradient to a running sum.
 
     Returns ``train_step(state, batch (A, b, T + 1) int32) -> (state, metrics)`` with metrics
     ``loss`` (mean over the global batch), ``grad_norm`` (before clipping), ``finite`` and, given
@@ -136,6 +143,18 @@ def make_train_step(
 
         if accum == 1:
             loss, grads = loss_and_grads(batch[0], jnp.int32(0))
+        elif accumulate is not None:  # one gradient buffer, filled layer by layer in place
+
+            def body(carry, xs):
+                loss_sum, acc = carry
+                windows, micro = xs
+                rng = None if key is None else jax.random.fold_in(key, micro)
+                loss, acc = accumulate(state.params, acc, windows, 1.0 / accum, rng)
+                return (loss_sum + loss, acc), None
+
+            zeros = jax.tree.map(jnp.zeros_like, state.params)
+            init = (jnp.zeros((), jnp.float32), zeros)
+            (loss, grads), _ = jax.lax.scan(body, init, (batch, jnp.arange(accum)))
         else:
 
             def body(carry, xs):
@@ -161,7 +180,13 @@ def make_train_step(
             )
         metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite}
         if schedule is not None:
-            metrics["lr"] = jnp.asarray(schedule(state.step), jnp.float32)
+            # The optimizer evaluates its schedule at its own count of applied updates, which
+            # skipped updates do not advance (state.step does). A plain optax tx keeps its count
+            # somewhere down its chain: state.step stands in (the same until a skip).
+            opt = state.opt_state
+            count = opt.count if isinstance(opt, LayerwiseState) else state.step
+            lr = jnp.asarray(schedule(count), jnp.float32)
+            metrics["lr"] = jnp.where(finite, lr, 0.0) if skip_nonfinite else lr
         state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
         return state, metrics
 
@@ -260,6 +285,19 @@ class DataParallel:
     def unreplicate(self, tree: Any) -> Any:
         """The first device's copy of every leaf (a fresh array, safe from later donation)."""
         return jax.tree.map(lambda x: jnp.array(x.addressable_shards[0].data, copy=True), tree)
+
+    def local_view(self, tree: Any) -> Any:
+        """The first device's copy of every leaf, not copied: valid until the arrays are
+        donated to the next step."""
+        return jax.tree.map(lambda x: x.addressable_shards[0].data, tree)
+
+    def init(self, fn: Callable[..., Any], *args: Any, donate: bool = False) -> Any:
+        """``fn(*args)`` computed straight into the replicated sharding (e.g. the train state);
+        with ``donate``, ``args``' buffers are consumed (reused for the outputs)."""
+        donated = ()
+        if donate:  # placed first, so that their buffers can become the outputs'
+            args, donated = jax.device_put(args, self.replicated), tuple(range(len(args)))
+        return jax.jit(fn, out_shardings=self.replicated, donate_argnums=donated)(*args)
 
     def shard(self, rows: np.ndarray, grad_accum: int = 1) -> jax.Array:
         """This process's rows ``(n, ...)`` as ``(devices, grad_accum, n / (devices A), ...)``."""

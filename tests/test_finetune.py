@@ -147,6 +147,59 @@ def test_eval_command(straight, texts, capsys):
     assert out["tokens"] > 300 and out["perplexity"] == pytest.approx(np.exp(out["loss"]))
 
 
+# -- the lr schedule on resume ----------------------------------------------------------------
+
+
+def test_resume_with_more_steps_keeps_the_schedule_horizon(texts, tmp_path, capsys):
+    """6 cosine updates, then `--resume --steps 10`: the lr stays at the schedule's end (0)
+    instead of climbing back up a cosine re-stretched over 10; `--schedule-steps 10` stretches
+    it on purpose; a run.json from before schedule_steps keeps its recorded horizon too."""
+    import shutil
+
+    from gpt2jax.optim import learning_rate_schedule
+
+    lr = 1e-2
+    cfg = config(texts, steps=6, schedule="cosine", warmup=0, lr=lr, batch_size=2, grad_accum=1,
+                 dropout=0.0, eval_every=0, sample_every=0, save_every=6)  # fmt: skip
+    first = tmp_path / "first"
+    finetune(first, cfg, show_progress=False)
+    assert read_run(str(first))[1].schedule_steps == 6  # a new run records its horizon
+    stretched, old = tmp_path / "stretched", tmp_path / "old"
+    shutil.copytree(first, stretched)
+    shutil.copytree(first, old)
+    run_json = old / "run.json"
+    meta = json.loads(run_json.read_text())
+    del meta["train"]["schedule_steps"]
+    run_json.write_text(json.dumps(meta))
+
+    def lrs(run_dir) -> dict[int, float]:
+        return {r["step"]: r["lr"] for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r}
+
+    def schedule(horizon: int) -> dict[int, float]:
+        s = learning_rate_schedule(lr, 0, horizon, "cosine")
+        return {step: float(s(step - 1)) for step in range(1, 11)}  # step k applies s(k - 1)
+
+    for run_dir in (first, old):
+        assert cli.main(["finetune", "--resume", str(run_dir), "--steps", "10"]) == 0
+        assert "the lr is 0 after step 6" in capsys.readouterr().err
+        got = lrs(run_dir)
+        assert sorted(got) == list(range(1, 11))
+        want = [schedule(6)[k] for k in range(1, 7)]
+        assert [got[k] for k in range(1, 7)] == pytest.approx(want, rel=1e-5)
+        assert [got[k] for k in range(7, 11)] == pytest.approx([0.0] * 4, abs=1e-12)
+    assert read_run(str(old))[1].schedule_steps == 6
+
+    args = ["finetune", "--resume", str(stretched), "--steps", "10", "--schedule-steps", "10"]
+    assert cli.main(args) == 0
+    assert "the lr is 0" not in capsys.readouterr().err
+    got = lrs(stretched)
+    # float32 cosines, compiled and not, near the end of the decay: a few ulps apart
+    want = [schedule(10)[k] for k in range(7, 11)]
+    assert [got[k] for k in range(7, 11)] == pytest.approx(want, rel=1e-5)
+    assert min(got[k] for k in range(7, 11)) > 0
+    assert read_run(str(stretched))[1].schedule_steps == 10
+
+
 # -- non-finite loss --------------------------------------------------------------------------
 
 
@@ -200,6 +253,7 @@ def test_bad_input_is_one_clear_line(texts, tmp_path, capsys):
             base + data + ["--batch-size", "3", "--grad-accum", "2"],
             "--batch-size 3 must be a positive multiple of",
         ),
+        "schedule steps": (base + data + ["--schedule-steps", "0"], "--schedule-steps must be > 0"),
         "no model": (["finetune", *data, *out], "either a starting MODEL"),
         "bad model": (["finetune", str(tmp_path), *data, *out], "not a model directory"),
         "resume non-run": (["finetune", "--resume", str(tmp_path)], "not a training run"),
@@ -237,7 +291,7 @@ def start_cli(texts, out, log) -> subprocess.Popen:
     args += ["--data", *cfg.data, "--val-data", *cfg.val_data]
     for f in dataclasses.fields(TrainConfig):
         value = getattr(cfg, f.name)
-        if f.name not in ("model", "data", "val_data") and value not in (None, False, ""):
+        if f.name not in ("model", "data", "val_data") and value not in (None, False, "", []):
             args += [f"--{f.name.replace('_', '-')}", str(value)]
     cache = jax.config.jax_compilation_cache_dir  # see _caches
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": cache}

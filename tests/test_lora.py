@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
 
-from conftest import TINY, random_params
+from conftest import FIXTURES, TINY, random_params
 from gpt2jax import lora
 from gpt2jax.errors import ConfigError
 from gpt2jax.freeze import make_prepare as freeze_prepare
@@ -90,11 +93,13 @@ def test_only_adapters_get_gradients(base):
     assert not np.any(fc[lora.A]) and np.any(fc[lora.B])
 
 
-def test_merge_keeps_dtype_and_other_leaves(base):
+def test_merge_is_float32_and_keeps_other_leaves(base):
+    """Over a bfloat16 base the merged weights stay float32 (casting back would round small
+    deltas away); the leaves LoRA does not adapt are the base's own."""
     adapters = random_b(lora.init_lora(TINY, RANK))
     half = jax.tree.map(lambda x: x.astype(jnp.bfloat16), base)
     merged = lora.merge_lora(half, adapters, 1.0)
-    assert merged["h"]["attn"]["c_attn"]["w"].dtype == jnp.bfloat16
+    assert all(merged["h"][block][proj]["w"].dtype == jnp.float32 for block, proj in lora.TARGETS)
     assert merged["wte"] is half["wte"]
     assert merged["h"]["attn"]["c_attn"]["b"] is half["h"]["attn"]["c_attn"]["b"]
 
@@ -128,3 +133,70 @@ def test_freeze_specs():
     for bad in ("top:0", "top:4", "top:x", "bottom"):
         with pytest.raises(ConfigError, match="--freeze"):
             parse_freeze(bad, TINY)
+
+
+def test_bfloat16_lora_run_exports_its_small_deltas_in_float32(tmp_path, capsys):
+    """A LoRA run over a bfloat16 base whose deltas are below bfloat16's resolution: the
+    float32 export holds base + scale * A @ B (float64 reference), not the base rounded back;
+    a bfloat16 export says how much it rounded away."""
+    import gpt2jax
+    from gpt2jax.cli import main as cli_main
+    from gpt2jax.convert import mapping
+    from gpt2jax.convert.hf import read_hf_dir
+    from gpt2jax.finetune import finetune
+    from gpt2jax.runs import TrainConfig, read_run
+
+    tiny_model = str(FIXTURES / "openai_tiny")
+    text = tmp_path / "train.txt"
+    text.write_text((FIXTURES / "english.txt").read_text(encoding="utf-8"), encoding="utf-8")
+    run = tmp_path / "run"
+    # One AdamW update of lr 1e-4 moves each B entry by about 1e-4: deltas of ~1e-5 on weights
+    # of ~0.2, whose bfloat16 spacing is ~1e-3.
+    finetune(
+        run,
+        TrainConfig(
+            model=tiny_model,
+            data=[str(text)],
+            steps=1,
+            batch_size=2,
+            seq_len=16,
+            lr=1e-4,
+            lora_rank=2,
+            lora_alpha=3.0,
+            param_dtype="bfloat16",
+            eval_every=0,
+            sample_every=0,
+            save_every=1,
+        ),  # fmt: skip
+        show_progress=False,
+    )
+    config, train = read_run(str(run))
+    adapters = lora.restore_adapters(str(run), config, train, 1)
+    base = gpt2jax.load(tiny_model).params
+    scale = 3.0 / 2
+
+    assert cli_main(["export", str(run), str(tmp_path / "f32")]) == 0
+    assert "rounds the weights" not in capsys.readouterr().err  # nothing rounded
+    _, exported = read_hf_dir(tmp_path / "f32")
+    for block, proj in lora.TARGETS:
+        a = np.asarray(adapters["h"][block][proj][lora.A], np.float64)
+        b = np.asarray(adapters["h"][block][proj][lora.B], np.float64)
+        w = np.asarray(base["h"][block][proj]["w"]).astype(ml_dtypes.bfloat16).astype(np.float64)
+        want = w + scale * np.einsum("lir,lro->lio", a, b)
+        got = exported["h"][block][proj]["w"]
+        assert np.any(b), "the update left B at zero: nothing to check"
+        # Below bfloat16's resolution: rounded back, most weights would be the base's again.
+        assert np.mean(want.astype(ml_dtypes.bfloat16).astype(np.float64) == w) > 0.9
+        assert got.dtype == np.float32
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-9, err_msg=f"{block}/{proj}")
+
+    assert cli_main(["export", str(run), str(tmp_path / "bf16"), "--dtype", "bfloat16"]) == 0
+    found = re.search(
+        r"gpt2jax: bfloat16 export rounds the weights: max \|delta\| (\S+) \(relative to float32\)",
+        capsys.readouterr().err,
+    )
+    assert found, "no rounding line on stderr"
+    _, rounded = read_hf_dir(tmp_path / "bf16")
+    f32, bf16 = mapping.flatten(exported), mapping.flatten(rounded)
+    measured = max(float(np.max(np.abs(f32[k] - bf16[k]))) for k in f32)
+    assert measured > 0 and float(found[1]) == pytest.approx(measured, rel=0.06)

@@ -202,6 +202,37 @@ def test_nonfinite_update_is_skipped(step_fn):
     assert int(skipped.opt_state[0].count) == 0  # Adam's moments untouched too
 
 
+def test_logged_lr_is_the_one_applied_when_updates_are_skipped():
+    """Update 2 of 4 has a NaN loss and is skipped: it applies no lr (logged 0), and the
+    optimizer's schedule, which counts applied updates, goes on from where it stopped."""
+    from gpt2jax.layerwise import Layerwise
+    from gpt2jax.loss import make_token_losses
+
+    schedule = learning_rate_schedule(1e-3, 0, 10, "linear")  # a different lr every update
+    tx = Layerwise(make_optimizer("adamw", schedule, clip=0.0))
+    plain = make_token_losses(GPT2(TINY))
+    poison = 0  # windows starting with this token have a NaN loss
+
+    def loss_fn(params, w, rng=None, frozen=None):
+        return jnp.where(w[0, 0] == poison, jnp.nan, plain(params, w, rng, frozen))
+
+    step = jax.jit(
+        make_train_step(GPT2(TINY), tx, loss_fn=loss_fn, schedule=schedule, skip_nonfinite=True)
+    )
+    state = TrainState.create(random_params(TINY, seed=4), tx, seed=0)
+    lrs, finite = [], []
+    for i in range(4):
+        batch = windows(10 + i) % (TINY.n_vocab - 1) + 1  # no poison...
+        batch[0, 0] = poison if i == 1 else batch[0, 0]  # ...except in update 2
+        state, m = step(state, batch[None])
+        lrs.append(float(m["lr"]))
+        finite.append(bool(m["finite"]))
+    assert finite == [True, False, True, True]
+    applied = [float(schedule(k)) for k in range(3)]
+    assert lrs == pytest.approx([applied[0], 0.0, applied[1], applied[2]], rel=1e-6)
+    assert int(state.opt_state.count) == 3 and int(state.step) == 4
+
+
 # -- many devices -----------------------------------------------------------------------------
 
 _PMAP_SCRIPT = textwrap.dedent(

@@ -335,7 +335,9 @@ class _Run:
     def start_state(self, params: Any, resume: bool) -> None:
         """Puts the train state on the devices: the latest checkpoint's when resuming (if there
         is one), else a fresh one from ``params`` (or the starting model's)."""
-        self.ckpts = runs.Checkpoints(self.out, self.train.keep)
+        shapes, _ = self.recipe.abstract_params()
+        largest = max(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes))
+        self.ckpts = runs.Checkpoints(self.out, self.train.keep, largest_leaf=largest)
         self.start = self._restore() if resume else None
         self.last_saved = self.start
         if self.start is None:

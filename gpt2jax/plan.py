@@ -46,7 +46,7 @@ import optax
 from gpt2jax.config import GPT2Config
 from gpt2jax.errors import ConfigError
 from gpt2jax.recipe import MemorySettings, build
-from gpt2jax.runs import SAVE_CONCURRENT_GB
+from gpt2jax.runs import save_concurrent_gb
 
 GiB = 2**30
 LOSS_CHUNK = 128  # positions per chunk when the planner chunks the loss
@@ -334,9 +334,9 @@ class Planner:
         state_bytes = _bytes(state, self.fsdp)
         if self._runtime is None:  # now that the compiler has run
             self._runtime = runtime_bytes()
-        # orbax writes up to SAVE_CONCURRENT_GB at once (a larger leaf alone), copying it
+        # orbax writes (and copies) up to save_concurrent_gb at once
         largest = max(_bytes(x, self.fsdp) for x in jax.tree.leaves(state))
-        writing = min(state_bytes, max(largest, SAVE_CONCURRENT_GB * GiB))
+        writing = min(state_bytes, save_concurrent_gb(largest) * 10**9)
         parts = {
             "runtime": self._runtime,
             "step": step,

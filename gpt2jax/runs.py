@@ -45,8 +45,14 @@ CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
 SAMPLES = "samples.txt"
 PLOT = "loss.png"
-SAVE_CONCURRENT_GB = 1  # orbax's limit on bytes being written at once (see Checkpoints)
+
 TRASH = ".deleted"  # checkpoints/.deleted: old checkpoints are renamed here, then deleted
+
+
+def save_concurrent_gb(largest_leaf: int) -> int:
+    """orbax's limit on the GB (10^9 bytes) being written at once: room for the largest leaf
+    of what is saved, at least 1."""
+    return max(1, -(-largest_leaf // 10**9))
 
 
 @dataclasses.dataclass
@@ -279,7 +285,7 @@ class Checkpoints:
     checkpoints are kept.
     """
 
-    def __init__(self, run_path: str, keep: int) -> None:
+    def __init__(self, run_path: str, keep: int, largest_leaf: int = 0) -> None:
         import orbax.checkpoint as ocp
 
         self._ocp = ocp
@@ -294,11 +300,12 @@ class Checkpoints:
             cleanup_tmp_directories=True,  # what a killed save left behind
             todelete_subdir=TRASH,
         )
-        # One array in flight at a time (the limit is whole GB; a larger leaf still goes alone):
-        # TensorStore copies what it writes, so a save then costs the largest leaf, not a
-        # second copy of the whole state (gpt2jax.plan counts it).
+        # About one array in flight at a time: TensorStore copies what it writes, so a save
+        # then costs the largest leaf, not a second copy of the whole state (gpt2jax.plan
+        # counts it). orbax refuses an array larger than its limit, which is in whole GB.
+        limit = save_concurrent_gb(largest_leaf)
         arrays = lambda: ocp.StandardCheckpointHandler(  # noqa: E731
-            save_concurrent_gb=SAVE_CONCURRENT_GB, restore_concurrent_gb=SAVE_CONCURRENT_GB
+            save_concurrent_gb=limit, restore_concurrent_gb=limit
         )
         try:
             self.manager = ocp.CheckpointManager(

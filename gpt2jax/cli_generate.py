@@ -94,7 +94,7 @@ def read_prompts(path: str) -> list[str]:
 def _cmd_generate(args: argparse.Namespace) -> int:
     from gpt2jax.checkpoint import DTYPES
     from gpt2jax.generate import generate
-    from gpt2jax.pretrained import load
+    from gpt2jax.loader import load
 
     prompts = read_prompts(args.prompt_file) if args.prompt_file else args.prompt
     n_prompts = 1 if prompts is None or isinstance(prompts, str) else len(prompts)

@@ -43,7 +43,7 @@ import numpy as np
 
 from gpt2jax import decoding
 from gpt2jax.errors import Gpt2JaxError
-from gpt2jax.pretrained import Pretrained
+from gpt2jax.loader import Pretrained
 from gpt2jax.progress import progress_bar
 from gpt2jax.sampling import Sampler
 
@@ -119,7 +119,7 @@ def generate(
     """Samples continuations of ``prompts`` (see the module docstring for how).
 
     Args:
-        model: a :class:`~gpt2jax.pretrained.Pretrained` (``gpt2jax.load``); its params are
+        model: a :class:`~gpt2jax.loader.Pretrained` (``gpt2jax.load``); its params are
             used in the dtype they were loaded in.
         prompts: a string, a list of strings, a list of token-id lists, or ``None`` for
             unconditional samples (starting from ``<|endoftext|>``, as is an empty prompt).

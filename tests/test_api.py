@@ -31,7 +31,7 @@ API_MODULES = (
     "gpt2jax.generate",
     "gpt2jax.hub",
     "gpt2jax.model",
-    "gpt2jax.pretrained",
+    "gpt2jax.loader",
     "gpt2jax.tokenizer",
 )
 

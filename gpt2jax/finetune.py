@@ -508,7 +508,7 @@ class _Run:
         )
 
     def _sample(self, step: int) -> None:
-        from gpt2jax.generate import generate
+        from gpt2jax.generation import generate
 
         t = self.train
         # The state's own arrays (read only; sampling ends before the next step donates them).

@@ -233,6 +233,12 @@ def _write_json(path: str, data: dict) -> None:
 # ---- import ----------------------------------------------------------------------------------
 
 
+def read_hf_config(path: str | os.PathLike) -> GPT2Config:
+    """Our config of a Hugging Face directory's ``config.json`` (no weights read)."""
+    config_path = os.path.join(os.fspath(path), "config.json")
+    return GPT2Config.from_hf_config(read_json(config_path), source=config_path)
+
+
 def read_hf_dir(
     path: str | os.PathLike, dtype: Any = np.float32, show_progress: bool = False
 ) -> tuple[GPT2Config, dict]:
@@ -413,22 +419,7 @@ def describe_hf_dir(path: str | os.PathLike) -> dict[str, Any]:
     return {"config": config, "dtype": dtype, "files": [os.path.basename(f) for f in files]}
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python convert/hf.py import SRC DST`` / ``export MODEL OUT``: the CLI's ``convert`` and
-    ``export`` (same flags)."""
-    from gpt2jax.cli import main as cli_main
+if __name__ == "__main__":  # run as a file, this is the CLI's module __main__, not a library one
+    from gpt2jax.cli import script_main
 
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] not in ("import", "export"):
-        print(
-            "usage: python convert/hf.py import HF_DIR DST [--dtype D] [--force]\n"
-            "       python convert/hf.py export MODEL OUT [--format safetensors|bin] [--dtype D] "
-            "[--max-shard-size 5GB] [--force]",
-            file=sys.stderr,
-        )
-        return 2
-    return cli_main(["convert" if argv[0] == "import" else "export", *argv[1:]])
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(script_main("hf", sys.argv[1:]))

@@ -101,13 +101,7 @@ def export_openai(
     return files
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python convert/openai_export.py MODEL OUT``: ``gpt2jax export ... --format openai``."""
-    from gpt2jax.cli import main as cli_main
+if __name__ == "__main__":  # run as a file, this is the CLI's module __main__, not a library one
+    from gpt2jax.cli import script_main
 
-    argv = sys.argv[1:] if argv is None else argv
-    return cli_main(["export", *argv, "--format", "openai"])
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(script_main("openai_export", sys.argv[1:]))

@@ -47,6 +47,16 @@ def checkpoint_prefix(path: str) -> str:
     )
 
 
+def read_hparams(path: str | os.PathLike) -> GPT2Config:
+    """The config in an OpenAI directory's ``hparams.json`` (no weights read)."""
+    hparams_path = os.path.join(os.fspath(path), "hparams.json")
+    if not os.path.exists(hparams_path):
+        raise CheckpointError(
+            f"{hparams_path}: file not found (every OpenAI model directory has one)"
+        )
+    return GPT2Config.from_hparams(read_json(hparams_path), source=hparams_path)
+
+
 def read_openai_dir(
     path: str | os.PathLike, dtype: Any = np.float32, show_progress: bool = False
 ) -> tuple[GPT2Config, dict]:
@@ -57,11 +67,7 @@ def read_openai_dir(
     """
     path = os.fspath(path)
     hparams_path = os.path.join(path, "hparams.json")
-    if not os.path.exists(hparams_path):
-        raise CheckpointError(
-            f"{hparams_path}: file not found (every OpenAI model directory has one)"
-        )
-    config = GPT2Config.from_hparams(read_json(hparams_path), source=hparams_path)
+    config = read_hparams(path)
     prefix = checkpoint_prefix(path)
     with BundleReader(prefix) as reader:
         source = f"{prefix}.index"
@@ -103,12 +109,7 @@ def convert_openai_dir(
     return config
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python convert/openai_tf.py SRC DST``: the same as ``gpt2jax convert SRC DST``."""
-    from gpt2jax.cli import main as cli_main
+if __name__ == "__main__":  # run as a file, this is the CLI's module __main__, not a library one
+    from gpt2jax.cli import script_main
 
-    return cli_main(["convert", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(script_main("openai_tf", sys.argv[1:]))

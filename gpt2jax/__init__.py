@@ -20,14 +20,13 @@ from gpt2jax.convert.openai_export import export_openai
 from gpt2jax.convert.openai_tf import convert_openai_dir
 from gpt2jax.errors import CheckpointError, ConfigError, DataError, Gpt2JaxError
 from gpt2jax.finetune import FinetuneResult, NonFiniteLossError
-from gpt2jax.generate import Generation, generate
+from gpt2jax.generation import Generation, generate
 from gpt2jax.hub import resolve_model
+from gpt2jax.loader import Pretrained, load
 from gpt2jax.model import GPT2, GPT2Output, KVCache, init_params, param_shapes
-from gpt2jax.pretrained import Pretrained, load
 from gpt2jax.runs import TrainConfig
 from gpt2jax.tokenizer import Tokenizer
-
-__version__ = "0.1.0"
+from gpt2jax.version import __version__ as __version__
 
 __all__ = [
     "GPT2",

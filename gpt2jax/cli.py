@@ -42,26 +42,26 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
 def _cmd_convert(args: argparse.Namespace) -> int:
     import time
 
-    from gpt2jax.checkpoint import DTYPES, detect
-    from gpt2jax.hub import resolve_model
+    from gpt2jax.checkpoint import DTYPES
+    from gpt2jax.loader import describe
 
-    args.src = resolve_model(args.src)  # a size name ("124M") means the download cache
-    kind = detect(args.src)
+    src = describe(args.src)  # a size name ("124M") means the download cache
+    args.src = src.path
     start = time.perf_counter()
-    if kind == "openai":
+    if src.kind == "openai":
         from gpt2jax.convert.openai_tf import convert_openai_dir
 
         config = convert_openai_dir(
             args.src, args.dst, dtype=DTYPES[args.dtype], overwrite=args.force, show_progress=True
         )
-    elif kind == "hf":
+    elif src.kind == "hf":
         from gpt2jax.convert.hf import convert_hf_dir
 
         config = convert_hf_dir(
             args.src, args.dst, dtype=DTYPES[args.dtype], overwrite=args.force, show_progress=True
         )
     else:
-        raise Gpt2JaxError(f"{args.src}: converting a {kind!r} directory is not supported")
+        raise Gpt2JaxError(f"{args.src}: converting a {src.kind!r} directory is not supported")
     print(
         f"converted {args.src} -> {args.dst}: {config.num_params():,} parameters, "
         f"{args.dtype}, {time.perf_counter() - start:.1f}s"
@@ -106,7 +106,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 def _cmd_export(args: argparse.Namespace) -> int:
     import time
 
-    from gpt2jax.pretrained import load
+    from gpt2jax.loader import load
 
     start = time.perf_counter()
     if args.fmt == "openai" and args.dtype != "float32":
@@ -170,39 +170,26 @@ def _add_info(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from gpt2jax.checkpoint import detect, read_meta
-    from gpt2jax.config import PRESETS, GPT2Config, read_json
-    from gpt2jax.hub import resolve_model
+    from gpt2jax.config import PRESETS
+    from gpt2jax.loader import describe
 
-    args.path = resolve_model(args.path)  # a size name ("124M") means the download cache
-    kind = detect(args.path)
+    src = describe(args.path)  # a size name ("124M") means the download cache
+    args.path, kind, config = src.path, src.kind, src.config
     info: dict = {"path": os.path.abspath(args.path), "kind": kind}
     if kind == "gpt2jax":
-        meta = read_meta(args.path)
-        config = meta["config"]
-        info.update(dtype=meta["dtype"], source=meta.get("source", {}), created=meta.get("created"))
+        info.update(
+            dtype=src.dtype, source=src.meta.get("source", {}), created=src.meta.get("created")
+        )
     elif kind == "openai":
-        hparams = os.path.join(args.path, "hparams.json")
-        config = GPT2Config.from_hparams(read_json(hparams), source=hparams)
-        info.update(dtype="float32", source={"format": "openai-tf"})
+        info.update(dtype=src.dtype, source={"format": "openai-tf"})
     elif kind == "hf":
-        from gpt2jax.convert.hf import describe_hf_dir
-
-        hf = describe_hf_dir(args.path)
-        config = hf["config"]
+        hf = src.hf_weights()
         info.update(dtype=hf["dtype"], source={"format": "hf", "weights": hf["files"]})
-    elif kind == "run":
-        from gpt2jax.runs import latest_step, read_run
-
-        config, train = read_run(args.path)
-        try:
-            step = latest_step(args.path)
-        except Gpt2JaxError:
-            step = None  # no checkpoint yet
-        start = train.model or f"random {train.init} weights"
-        info.update(dtype="float32", source={"format": "gpt2jax-run", "from": start, "step": step})
-    else:
-        raise Gpt2JaxError(f"{args.path}: 'info' does not read {kind!r} directories yet")
+    else:  # a training run
+        start = src.train.model or f"random {src.train.init} weights"
+        info.update(
+            dtype=src.dtype, source={"format": "gpt2jax-run", "from": start, "step": src.step}
+        )
     shape = config.to_hparams()
     size = next((name for name, c in PRESETS.items() if c.to_hparams() == shape), None)
     info.update(
@@ -210,14 +197,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
         config=config.to_dict(),
         num_params=config.num_params(),
         disk_bytes=_du(args.path),
-        tokenizer=next(
-            (
-                f"{a} + {b}"
-                for a, b in (("encoder.json", "vocab.bpe"), ("vocab.json", "merges.txt"))
-                if os.path.exists(os.path.join(args.path, a))
-            ),
-            "tiktoken gpt2 (no files in the directory)",
-        ),
+        tokenizer=" + ".join(src.tokenizer or ()) or "tiktoken gpt2 (no files in the directory)",
     )
     if args.json:
         print(json.dumps(info, indent=2))
@@ -302,6 +282,25 @@ def build_parser() -> argparse.ArgumentParser:
     for add in SUBCOMMANDS:
         add(sub)
     return parser
+
+
+def script_main(script: str, argv: list[str]) -> int:
+    """``python convert/SCRIPT.py ARGV``: ``hf`` is ``import SRC DST`` (= ``convert``) or
+    ``export MODEL OUT``, ``openai_export`` is ``export MODEL OUT --format openai``,
+    ``openai_tf`` is ``convert SRC DST`` (same flags as the commands)."""
+    if script == "openai_export":
+        return main(["export", *argv, "--format", "openai"])
+    if script == "openai_tf":
+        return main(["convert", *argv])
+    if not argv or argv[0] not in ("import", "export"):
+        print(
+            "usage: python convert/hf.py import HF_DIR DST [--dtype D] [--force]\n"
+            "       python convert/hf.py export MODEL OUT [--format safetensors|bin] [--dtype D] "
+            "[--max-shard-size 5GB] [--force]",
+            file=sys.stderr,
+        )
+        return 2
+    return main(["convert" if argv[0] == "import" else "export", *argv[1:]])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -59,27 +59,12 @@ def _remat(name: str) -> str:
 
 def model_config(path: str) -> GPT2Config:
     """The shape of a model directory or preset size name, without reading any weights."""
-    from gpt2jax.checkpoint import detect, read_meta
-    from gpt2jax.config import PRESETS, read_json
+    from gpt2jax.config import PRESETS
+    from gpt2jax.loader import describe
 
     if path in PRESETS and not os.path.exists(path):
         return PRESETS[path]
-    from gpt2jax.hub import resolve_model
-
-    path = resolve_model(path)
-    kind = detect(path)
-    if kind == "gpt2jax":
-        return read_meta(path)["config"]
-    if kind == "openai":
-        hparams = os.path.join(path, "hparams.json")
-        return GPT2Config.from_hparams(read_json(hparams), source=hparams)
-    if kind == "hf":
-        from gpt2jax.convert.hf import describe_hf_dir
-
-        return describe_hf_dir(path)["config"]
-    from gpt2jax.runs import read_run
-
-    return read_run(path)[0]
+    return describe(path).config
 
 
 def add_plan(sub: argparse._SubParsersAction) -> None:

@@ -15,7 +15,7 @@ the compiled code (without copying, where the arrays allow it), and :func:`forwa
 the model's own :class:`~gpt2jax.model.Block` once per layer on its own buffers. The KV cache is
 likewise one ``(k, v)`` pair of ``(B, H, S, D)`` buffers per layer, updated in place by the loop.
 Decoding is one ``(B, 1)`` step per token with attention over all ``S`` cache slots (masked),
-so the cache length is a compile-time shape; :mod:`gpt2jax.generate` rounds it up to buckets.
+so the cache length is a compile-time shape; :mod:`gpt2jax.generation` rounds it up to buckets.
 
 Sampling randomness is per row: row ``b``'s ``n``-th new token uses ``fold_in(keys[b], n)``,
 so a sample does not depend on the batch it was generated in, its padding or the cache length.

@@ -36,7 +36,7 @@ def evaluate(
     evaluated at a time, over all local devices (rounded up to a multiple of their number).
     """
     from gpt2jax.hub import resolve_model
-    from gpt2jax.pretrained import load
+    from gpt2jax.loader import load
 
     model = load(resolve_model(model_path))  # a size name ("124M") means the download cache
     config = model.config

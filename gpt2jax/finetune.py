@@ -43,6 +43,7 @@ from gpt2jax.config import GPT2Config, get_preset
 from gpt2jax.data import check_vocab, load_tokens, split_tail
 from gpt2jax.errors import ConfigError, DataError, Gpt2JaxError
 from gpt2jax.hub import resolve_model
+from gpt2jax.loader import Pretrained, describe, load
 from gpt2jax.metrics import MetricsLog, plot_losses
 from gpt2jax.model import init_params
 from gpt2jax.optim import learning_rate_schedule
@@ -187,11 +188,10 @@ def _starting_model(train: TrainConfig) -> tuple[GPT2Config, Any, Tokenizer, str
     if train.init is not None:
         config = get_preset(train.init)
         return config, None, Tokenizer.default(), None  # params: drawn from the seed later
-    from gpt2jax.pretrained import load
-
-    model = load(train.model)
-    has_files = os.path.exists(os.path.join(train.model, "encoder.json"))
-    return model.config, model.params, model.tokenizer, train.model if has_files else None
+    source = describe(train.model)
+    model = load(source)
+    has_files = source.tokenizer is not None and source.tokenizer[0] == "encoder.json"
+    return model.config, model.params, model.tokenizer, source.path if has_files else None
 
 
 @contextmanager
@@ -510,8 +510,7 @@ class _Run:
         )
 
     def _sample(self, step: int) -> None:
-        from gpt2jax.generate import generate
-        from gpt2jax.pretrained import Pretrained
+        from gpt2jax.generation import generate
 
         t = self.train
         # The state's own arrays (read only; sampling ends before the next step donates them).
@@ -580,6 +579,4 @@ def _initial_params(train: TrainConfig, config: GPT2Config) -> Any:
     """The parameters a run starts from: the starting model's, or random for ``init``."""
     if train.init is not None:
         return init_params(config, train.seed)
-    from gpt2jax.pretrained import load
-
     return load(train.model).params

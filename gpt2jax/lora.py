@@ -30,7 +30,6 @@ in float32): the result is an ordinary parameter tree that every other command u
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -141,47 +140,3 @@ def num_lora_params(config: GPT2Config, rank: int) -> int:
     """How many numbers the adapters of ``rank`` hold."""
     C = config.n_embd
     return config.n_layer * rank * sum((i + o) * C for i, o in TARGETS.values())
-
-
-def restore_adapters(path: str, config: GPT2Config, train: Any, step: int) -> dict:
-    """The adapters checkpoint ``step`` of a LoRA run saved. ``train`` is the run's
-    ``TrainConfig``."""
-    import orbax.checkpoint as ocp
-    from etils import epath
-
-    from gpt2jax.errors import CheckpointError
-    from gpt2jax.runs import CHECKPOINTS
-
-    params_dir = epath.Path(os.path.abspath(path)) / CHECKPOINTS / str(step) / "params"
-    shapes = jax.eval_shape(lambda: init_lora(config, train.lora_rank))
-    handler = ocp.StandardCheckpointHandler()
-    try:
-        adapters = handler.restore(params_dir, args=ocp.args.StandardRestore(shapes))
-    except Exception as e:
-        raise CheckpointError(
-            f"{params_dir}: unreadable LoRA adapters ({type(e).__name__})"
-        ) from None
-    finally:
-        handler.close()
-    return adapters
-
-
-def restore_run(path: str, config: GPT2Config, train: Any, step: int, dtype: Any = None) -> dict:
-    """The model checkpoint ``step`` of a LoRA run stands for: its adapters (what the run saves)
-    merged into the base model the run started from (``train.model``, or ``train.init``'s
-    random weights, which the seed determines). ``train`` is the run's ``TrainConfig``.
-
-    The model is float32 unless ``dtype`` asks for another: the adapters' deltas need float32
-    to survive (:func:`merge_lora`), whatever dtype the base was trained in."""
-    from gpt2jax.model import init_params
-
-    adapters = restore_adapters(path, config, train, step)
-    if train.init is not None:
-        base = init_params(config, train.seed)
-    else:
-        from gpt2jax.pretrained import load
-
-        base = load(train.model).params
-    base = jax.tree.map(lambda x: jnp.asarray(x, train.param_dtype), base)
-    merged = merge_lora(base, adapters, lora_scale(train.lora_rank, train.lora_alpha))
-    return jax.tree.map(lambda x: x.astype(jnp.float32 if dtype is None else dtype), merged)

@@ -376,7 +376,7 @@ class Planner:
         """What sampling adds to the state (an estimate from shapes, prompts up to 64 tokens):
         the float32 KV cache, the prompt's logits, and on accelerators one layer's weights
         sliced at a time (on the CPU the sampler reads the state's own buffers)."""
-        from gpt2jax.generate import cache_bucket, prompt_bucket
+        from gpt2jax.generation import cache_bucket, prompt_bucket
 
         cfg = self.config
         prompt = prompt_bucket(64, cfg.n_ctx)

@@ -37,6 +37,7 @@ from typing import Any
 from gpt2jax.checkpoint import TOKENIZER_FILES
 from gpt2jax.config import GPT2Config, read_json
 from gpt2jax.errors import CheckpointError, ConfigError, Gpt2JaxError
+from gpt2jax.version import __version__
 
 FORMAT = "gpt2jax-run"
 FORMAT_VERSION = 1
@@ -242,8 +243,6 @@ def create_run(
 
 
 def write_run_json(path: str, config: GPT2Config, train: TrainConfig) -> None:
-    from gpt2jax import __version__
-
     write_json_atomic(
         os.path.join(path, RUN_JSON),
         {
@@ -473,3 +472,25 @@ def restore_params(path: str, config: GPT2Config, step: int, dtype: Any = None) 
         raise CheckpointError(f"{params_dir}: unreadable ({type(e).__name__}: {e})") from None
     finally:
         handler.close()
+
+
+def restore_adapters(path: str, config: GPT2Config, train: TrainConfig, step: int) -> dict:
+    """The LoRA adapters checkpoint ``step`` of a LoRA run saved (its ``params`` item)."""
+    import jax
+    import orbax.checkpoint as ocp
+    from etils import epath
+
+    from gpt2jax.lora import init_lora
+
+    params_dir = epath.Path(os.path.abspath(path)) / CHECKPOINTS / str(step) / "params"
+    shapes = jax.eval_shape(lambda: init_lora(config, train.lora_rank))
+    handler = ocp.StandardCheckpointHandler()
+    try:
+        adapters = handler.restore(params_dir, args=ocp.args.StandardRestore(shapes))
+    except Exception as e:
+        raise CheckpointError(
+            f"{params_dir}: unreadable LoRA adapters ({type(e).__name__})"
+        ) from None
+    finally:
+        handler.close()
+    return adapters

@@ -28,10 +28,10 @@ API_MODULES = (
     "gpt2jax.errors",
     "gpt2jax.evaluate",
     "gpt2jax.finetune",
-    "gpt2jax.generate",
+    "gpt2jax.generation",
     "gpt2jax.hub",
     "gpt2jax.model",
-    "gpt2jax.pretrained",
+    "gpt2jax.loader",
     "gpt2jax.tokenizer",
 )
 
@@ -57,9 +57,10 @@ def test_all_lists_existing_names_once() -> None:
     for name in gpt2jax.__all__:
         assert hasattr(gpt2jax, name), name
     # A function named like a submodule hides it as an attribute (``gpt2jax.finetune`` must
-    # stay the module of ``gpt2jax.finetune.finetune``): only ``generate`` does so, deliberately.
+    # stay the module of ``gpt2jax.finetune.finetune``): none does (``generate`` lives in
+    # ``gpt2jax.generation``, ``load`` in ``gpt2jax.loader``).
     shadowing = [n for n in gpt2jax.__all__ if importlib.util.find_spec(f"gpt2jax.{n}")]
-    assert shadowing == ["generate"]
+    assert shadowing == []
     for name in ("finetune", "evaluate", "download", "plan"):
         assert isinstance(
             getattr(gpt2jax, name, None) or importlib.import_module(f"gpt2jax.{name}"),

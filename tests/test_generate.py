@@ -16,7 +16,7 @@ from gpt2jax import cli, decoding
 from gpt2jax.checkpoint import save_model_dir
 from gpt2jax.config import EOT_TOKEN, GPT2Config
 from gpt2jax.errors import Gpt2JaxError
-from gpt2jax.generate import generate, row_keys
+from gpt2jax.generation import generate, row_keys
 from gpt2jax.model import GPT2, KVCache
 from gpt2jax.pretrained import Pretrained, load
 from gpt2jax.sampling import Sampler

@@ -478,10 +478,12 @@ def test_cli_export_info_and_load(tmp_path, capsys):
 def test_hf_script_delegates_to_the_cli(tmp_path, capsys):
     out = _export(tmp_path)
     dst = str(tmp_path / "ckpt")
-    assert hf.main(["import", out, dst]) == 0
-    assert hf.main(["export", dst, str(tmp_path / "again"), "--format", "bin"]) == 0
+    from gpt2jax.cli import script_main
+
+    assert script_main("hf", ["import", out, dst]) == 0
+    assert script_main("hf", ["export", dst, str(tmp_path / "again"), "--format", "bin"]) == 0
     assert os.path.exists(tmp_path / "again" / "pytorch_model.bin")
-    assert hf.main(["sideways"]) == 2
+    assert script_main("hf", ["sideways"]) == 2
     assert "usage" in capsys.readouterr().err
 
 

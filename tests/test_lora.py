@@ -144,7 +144,7 @@ def test_bfloat16_lora_run_exports_its_small_deltas_in_float32(tmp_path, capsys)
     from gpt2jax.convert import mapping
     from gpt2jax.convert.hf import read_hf_dir
     from gpt2jax.finetune import finetune
-    from gpt2jax.runs import TrainConfig, read_run
+    from gpt2jax.runs import TrainConfig, read_run, restore_adapters
 
     tiny_model = str(FIXTURES / "openai_tiny")
     text = tmp_path / "train.txt"
@@ -171,7 +171,7 @@ def test_bfloat16_lora_run_exports_its_small_deltas_in_float32(tmp_path, capsys)
         show_progress=False,
     )
     config, train = read_run(str(run))
-    adapters = lora.restore_adapters(str(run), config, train, 1)
+    adapters = restore_adapters(str(run), config, train, 1)
     base = gpt2jax.load(tiny_model).params
     scale = 3.0 / 2
 

@@ -86,13 +86,13 @@ def test_refuses_what_openais_code_cannot_run(tmp_path):
 
 
 def test_cli_and_script(tmp_path, capsys):
-    from gpt2jax.convert.openai_export import main
+    from gpt2jax.cli import script_main
 
     ckpt, out = str(tmp_path / "ckpt"), tmp_path / "openai"
     assert cli_main(["convert", str(SRC), ckpt]) == 0
     assert cli_main(["export", ckpt, str(out), "--format", "openai", "--dtype", "bfloat16"]) == 1
     assert "float32" in capsys.readouterr().err
-    assert main([ckpt, str(out)]) == 0
+    assert script_main("openai_export", [ckpt, str(out)]) == 0
     assert sorted(os.listdir(out)) == FILES
     for name in FILES:
         assert (out / name).read_bytes() == (SRC / name).read_bytes(), name

@@ -1,4 +1,4 @@
-"""``gpt2jax.generate``: text from a loaded model, with a compiled KV-cache sampler.
+""":func:`gpt2jax.generate`: text from a loaded model, with a compiled KV-cache sampler.
 
 ::
 
@@ -19,15 +19,13 @@ least 16, at most ``n_ctx``) and the cache length (prompt bucket + new tokens) t
 of 64. One run compiles two programs: the prefill, per (batch size, prompt bucket, cache
 bucket), and the decoding loop, per (batch size, cache bucket, greedy or not, ``top_k``,
 top-p on or off, compute dtype). A later call whose prompt falls in the same bucket, or that
-changes only the seed, temperature, ``top_p`` or the prompts' text, reuses both. For the
-124M model on the 2-core CPU of ``scripts/bench_generate.py``'s runs, the two compilations
-take 7-8 s together (the layers are unrolled; see :mod:`gpt2jax.decoding`).
+changes only the seed, temperature, ``top_p`` or the prompts' text, reuses both (timings:
+BENCHMARKS.md).
 
 **Streaming.** With ``on_token`` (or ``stop`` strings, which are checked on the host) the
 loop runs in chunks of :data:`STREAM_CHUNK` tokens; the cache stays on the device between
 chunks (the state is donated to the next call), so a chunk costs one dispatch and one copy
-of the new token ids to the host: at 124M, float32, batch 1 streaming ran at the same tokens/s
-as one call, within noise (``scripts/bench_generate.py`` reports both). The alternative, a
+of the new token ids to the host (``scripts/bench_generate.py`` compares it with one call). A
 host callback inside the loop (``jax.debug.callback``), would sync with the host every token.
 """
 
@@ -43,7 +41,7 @@ import numpy as np
 
 from gpt2jax import decoding
 from gpt2jax.errors import Gpt2JaxError
-from gpt2jax.pretrained import Pretrained
+from gpt2jax.loader import Pretrained
 from gpt2jax.progress import progress_bar
 from gpt2jax.sampling import Sampler
 
@@ -119,7 +117,7 @@ def generate(
     """Samples continuations of ``prompts`` (see the module docstring for how).
 
     Args:
-        model: a :class:`~gpt2jax.pretrained.Pretrained` (``gpt2jax.load``); its params are
+        model: a :class:`~gpt2jax.loader.Pretrained` (``gpt2jax.load``); its params are
             used in the dtype they were loaded in.
         prompts: a string, a list of strings, a list of token-id lists, or ``None`` for
             unconditional samples (starting from ``<|endoftext|>``, as is an empty prompt).

@@ -337,6 +337,8 @@ class Planner:
         # orbax writes (and copies) up to save_concurrent_gb at once
         largest = max(_bytes(x, self.fsdp) for x in jax.tree.leaves(state))
         writing = min(state_bytes, save_concurrent_gb(largest) * 10**9)
+        if self.fsdp is None and self.n_devices > 1:  # the all-reduce's copy of the gradients
+            step += _bytes(state.params, None)
         parts = {
             "runtime": self._runtime,
             "step": step,

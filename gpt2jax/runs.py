@@ -464,7 +464,12 @@ def restore_params(path: str, config: GPT2Config, step: int, dtype: Any = None) 
             raise CheckpointError(
                 f"{params_dir}: parameters do not match the run's config in {RUN_JSON}"
             )
-        abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, dtype or m.dtype), stored)
+        # Onto this process's first device, whatever device count wrote it (an FSDP run's
+        # checkpoint is stored sharded over its devices).
+        one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        abstract = jax.tree.map(
+            lambda m: jax.ShapeDtypeStruct(m.shape, dtype or m.dtype, sharding=one), stored
+        )
         return handler.restore(params_dir, args=ocp.args.StandardRestore(abstract))
     except CheckpointError:
         raise

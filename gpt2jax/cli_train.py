@@ -39,7 +39,13 @@ _TRAIN_FLAGS: tuple[tuple[str, str, type, str], ...] = (
     ("--seq-len", "seq_len", int, "tokens per window (default: the model's context, <= 1024)"),
     ("--lr", "lr", float, "peak learning rate"),
     ("--warmup", "warmup", int, "linear warmup updates"),
-    ("--weight-decay", "weight_decay", float, "decoupled weight decay of the matmul weights"),
+    (
+        "--weight-decay",
+        "weight_decay",
+        float,
+        "weight decay of the matmul weights, times the lr "
+        "(decoupled for adamw and adafactor; added to the gradient for sgd, as torch does)",
+    ),
     ("--clip", "clip", float, "clip gradients to this global L2 norm (0: off)"),
     ("--dropout", "dropout", float, "dropout probability (0: off, usual for fine-tuning)"),
     ("--seed", "seed", int, "seed of the data order, dropout and --init weights"),

@@ -22,11 +22,13 @@ updates are skipped instead and counted.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import logging
 import math
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -115,6 +117,7 @@ def finetune(
         show_progress: progress bars on stderr.
     """
     initialize_distributed()
+    return_freed_memory()
     primary = jax.process_index() == 0  # the one process that writes the run's own files
     out = os.path.abspath(os.fspath(out))
     if resume:
@@ -566,6 +569,22 @@ class _Run:
 
 def _due(step: int, every: int) -> bool:
     return every > 0 and step % every == 0
+
+
+def return_freed_memory() -> None:
+    """On the CPU under glibc, makes every allocation of 1 MiB or more its own mapping, returned
+    to the system when freed. By default glibc raises that threshold as big buffers are freed
+    and keeps what is freed below it: the start-up's temporaries then stay resident under the
+    train state and the step's temporaries come on top (measured: about 0.6x the parameters'
+    size more than the step needs). The cost is a page fault per page of each new buffer."""
+    if jax.default_backend() != "cpu" or not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (e.g. musl): nothing to tune
+        return
+    libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD: fixed, so it no longer grows
+    libc.mallopt(-1, 1 << 20)  # M_TRIM_THRESHOLD: give back free heap tops above 1 MiB
 
 
 def _to_devices(tree: dict) -> None:

@@ -3,9 +3,8 @@
 A subprocess runs ``gpt2jax finetune --memory ...`` (start-up, planning, steps, the end-of-run
 validation, sample and checkpoint) and its peak resident memory is read by ``/usr/bin/time``;
 the plan printed before training must not be exceeded by more than 15% (nor overstate it by
-more than 25%). The model is big
-enough (67M parameters, AdamW: 1.1 GB of state and gradients) that the state, not the Python
-runtime, decides the figure.
+more than 25%). The model is big enough (67M parameters, AdamW: 1.1 GB of state and gradients)
+that the state, not the Python runtime, decides the figure.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ Export writes what ``GPT2LMHeadModel.save_pretrained`` writes in transformers 5,
 
 * ``config.json`` (:meth:`GPT2Config.to_hf_config` plus the weights' dtype) and
   ``generation_config.json``;
-* ``model.safetensors`` (written here in pure numpy, :mod:`gpt2jax.convert.safetensors_io`) with
+* ``model.safetensors`` (written here in pure numpy, :mod:`gpt2jax.formats.safetensors_io`) with
   the ``GPT2LMHeadModel`` state-dict keys, ``transformer.`` + the ``hf`` column of
   :mod:`gpt2jax.convert.mapping`. ``lm_head.weight`` is left out: it is tied to
   ``transformer.wte.weight``, and transformers drops tied weights when saving and re-ties them
@@ -22,7 +22,7 @@ The tensors are streamed one at a time from :func:`mapping.to_theirs` and cast o
 exporting costs little memory beyond the params themselves.
 
 Import reads single or sharded safetensors, and ``.bin`` files only through
-``torch.load(weights_only=True)`` (:mod:`gpt2jax.convert.torch_bin`). It accepts the older key
+``torch.load(weights_only=True)`` (:mod:`gpt2jax.formats.torch_bin`). It accepts the older key
 layouts: names without the ``transformer.`` prefix (``GPT2Model`` checkpoints, the original hub
 upload) and the ``attn.bias`` / ``attn.masked_bias`` causal-mask buffers, which are skipped by
 their exact names. ``lm_head.weight``, when present, must equal ``wte``: GPT-2 ties them.
@@ -54,10 +54,10 @@ from gpt2jax.convert.hf_tokenizer import (
     tokenizer_config,
     write_default_tokenizer_files,
 )
-from gpt2jax.convert.outdir import atomic_dir
-from gpt2jax.convert.safetensors_io import SafetensorsFile, write_file
 from gpt2jax.errors import CheckpointError, ConfigError, Gpt2JaxError
+from gpt2jax.formats.safetensors_io import SafetensorsFile, write_file
 from gpt2jax.progress import progress_bar
+from gpt2jax.store.atomic import atomic_dir
 
 PREFIX = "transformer."
 LM_HEAD = "lm_head.weight"
@@ -132,7 +132,7 @@ def export_hf(
                 if fmt == "safetensors":
                     write_file(path, shard, tensors, metadata={"format": "pt"})
                 else:
-                    from gpt2jax.convert.torch_bin import save_state_dict
+                    from gpt2jax.formats.torch_bin import save_state_dict
 
                     save_state_dict(path, tensors)
         if len(shards) > 1:
@@ -330,7 +330,7 @@ def _open_weights(path: str) -> tuple[dict[str, _Tensor], str]:
                 for n in st.names()
             }
         else:
-            from gpt2jax.convert.torch_bin import load_state_dict, to_numpy
+            from gpt2jax.formats.torch_bin import load_state_dict, to_numpy
 
             state = load_state_dict(file)
             entries = {
@@ -386,7 +386,7 @@ def convert_hf_dir(
     ``vocab.json`` + ``merges.txt`` (or ``tokenizer.json``) become ``encoder.json`` +
     ``vocab.bpe``, checked to be a valid GPT-2 BPE.
     """
-    from gpt2jax.checkpoint import save_model_dir
+    from gpt2jax.store.model_dir import save_model_dir
 
     config, params = read_hf_dir(src, dtype=dtype, show_progress=show_progress)
     with openai_tokenizer_dir(src) as tokenizer_dir:
@@ -420,6 +420,6 @@ def describe_hf_dir(path: str | os.PathLike) -> dict[str, Any]:
 
 
 if __name__ == "__main__":  # run as a file, this is the CLI's module __main__, not a library one
-    from gpt2jax.cli import script_main
+    from gpt2jax.cli.main import script_main
 
     sys.exit(script_main("hf", sys.argv[1:]))

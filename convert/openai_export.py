@@ -4,7 +4,7 @@ Writes what OpenAI's ``download_model.py`` fetches, except ``model.ckpt.meta``::
 
     checkpoint                       model_checkpoint_path: "model.ckpt"
     hparams.json                     n_vocab, n_ctx, n_embd, n_head, n_layer
-    model.ckpt.index                 the tensor bundle (gpt2jax.convert.tf_bundle.write_bundle),
+    model.ckpt.index                 the tensor bundle (gpt2jax.formats.tf_bundle.write_bundle),
     model.ckpt.data-00000-of-00001   OpenAI's variable names and shapes, float32, in the order
                                      TF's Saver writes them: byte-identical to TF's own files
     encoder.json, vocab.bpe          the tokenizer
@@ -41,10 +41,10 @@ from gpt2jax.convert.hf_tokenizer import (
     copy_tokenizer_files,
     write_default_tokenizer_files,
 )
-from gpt2jax.convert.outdir import atomic_dir
-from gpt2jax.convert.tf_bundle import write_bundle
 from gpt2jax.errors import ConfigError
+from gpt2jax.formats.tf_bundle import write_bundle
 from gpt2jax.progress import progress_bar
+from gpt2jax.store.atomic import atomic_dir
 
 #: OpenAI's model.py hard-codes this epsilon in ``norm``; hparams.json cannot carry another.
 OPENAI_EPSILON = 1e-5
@@ -102,6 +102,6 @@ def export_openai(
 
 
 if __name__ == "__main__":  # run as a file, this is the CLI's module __main__, not a library one
-    from gpt2jax.cli import script_main
+    from gpt2jax.cli.main import script_main
 
     sys.exit(script_main("openai_export", sys.argv[1:]))

@@ -2,7 +2,7 @@
 
 An OpenAI model directory holds ``checkpoint``, ``hparams.json``, ``model.ckpt.index``,
 ``model.ckpt.data-00000-of-00001``, ``model.ckpt.meta``, ``encoder.json`` and ``vocab.bpe``.
-The tensors are read straight from the tensor bundle (:mod:`gpt2jax.convert.tf_bundle`), one at
+The tensors are read straight from the tensor bundle (:mod:`gpt2jax.formats.tf_bundle`), one at
 a time and CRC-checked, and placed by the table in :mod:`gpt2jax.convert.mapping`.
 
 Run as a script from a checkout::
@@ -20,8 +20,8 @@ import numpy as np
 
 from gpt2jax.config import GPT2Config, read_json
 from gpt2jax.convert import mapping
-from gpt2jax.convert.tf_bundle import BundleReader
 from gpt2jax.errors import CheckpointError
+from gpt2jax.formats.tf_bundle import BundleReader
 from gpt2jax.progress import progress_bar
 
 
@@ -92,7 +92,7 @@ def convert_openai_dir(
     show_progress: bool = False,
 ) -> GPT2Config:
     """Converts an OpenAI checkpoint directory into a gpt2jax model directory at ``dst``."""
-    from gpt2jax.checkpoint import TOKENIZER_FILES, save_model_dir
+    from gpt2jax.store.model_dir import TOKENIZER_FILES, save_model_dir
     from gpt2jax.tokenizer import Tokenizer
 
     if any(os.path.exists(os.path.join(src, name)) for name in TOKENIZER_FILES):
@@ -110,6 +110,6 @@ def convert_openai_dir(
 
 
 if __name__ == "__main__":  # run as a file, this is the CLI's module __main__, not a library one
-    from gpt2jax.cli import script_main
+    from gpt2jax.cli.main import script_main
 
     sys.exit(script_main("openai_tf", sys.argv[1:]))

@@ -8,24 +8,25 @@ Public API::
     gpt2jax.GPT2(m.config).apply({"params": m.params}, ids)   # the plain Flax module
 
 Every name in ``__all__`` is documented. The rest of the library lives in its modules, each with
-the same care: :func:`gpt2jax.finetune.finetune` (the training loop), :func:`gpt2jax.evaluate.
-evaluate`, :func:`gpt2jax.download.download`, :mod:`gpt2jax.plan` (what fits in memory),
-:mod:`gpt2jax.decoding` (the sampler's pure functions). README.md is the user guide.
+the same care: :func:`gpt2jax.train.loop.finetune` (the training loop),
+:func:`gpt2jax.train.evaluate. evaluate`, :func:`gpt2jax.store.download.download`,
+:mod:`gpt2jax.train.memory.planner` (what fits in memory),
+:mod:`gpt2jax.generation.decoding` (the sampler's pure functions). README.md is the user guide.
 """
 
-from gpt2jax.checkpoint import save_model_dir
 from gpt2jax.config import PRESETS, GPT2Config, get_preset
 from gpt2jax.convert.hf import convert_hf_dir, export_hf
 from gpt2jax.convert.openai_export import export_openai
 from gpt2jax.convert.openai_tf import convert_openai_dir
 from gpt2jax.errors import CheckpointError, ConfigError, DataError, Gpt2JaxError
-from gpt2jax.finetune import FinetuneResult, NonFiniteLossError
-from gpt2jax.generation import Generation, generate
-from gpt2jax.hub import resolve_model
+from gpt2jax.generation.host import Generation, generate
 from gpt2jax.loader import Pretrained, load
 from gpt2jax.model import GPT2, GPT2Output, KVCache, init_params, param_shapes
-from gpt2jax.runs import TrainConfig
+from gpt2jax.store.model_dir import save_model_dir
+from gpt2jax.store.runs import TrainConfig
+from gpt2jax.store.sizes import resolve_model
 from gpt2jax.tokenizer import Tokenizer
+from gpt2jax.train.loop import FinetuneResult, NonFiniteLossError
 from gpt2jax.version import __version__ as __version__
 
 __all__ = [

@@ -2,6 +2,6 @@
 
 import sys
 
-from gpt2jax.cli import main
+from gpt2jax.cli.main import main
 
 sys.exit(main())

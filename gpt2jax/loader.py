@@ -2,7 +2,7 @@
 
 A path names a gpt2jax model directory (what ``gpt2jax convert`` writes), an OpenAI TF
 checkpoint, a Hugging Face GPT-2 directory or a training run, told apart by their files (see
-:func:`gpt2jax.checkpoint.detect`); a size name ("124M") means the download cache. Every
+:func:`gpt2jax.store.model_dir.detect`); a size name ("124M") means the download cache. Every
 command that takes a model asks :func:`describe` (no weights read), and :func:`load` returns
 a :class:`Pretrained`: the config, the params pytree, the tokenizer and a jitted ``logits``.
 """
@@ -18,16 +18,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gpt2jax import lora, runs
-from gpt2jax.checkpoint import detect, read_meta, restore_params
+from gpt2jax import lora
 from gpt2jax.config import GPT2Config
 from gpt2jax.convert.hf import describe_hf_dir, read_hf_config, read_hf_dir
 from gpt2jax.convert.hf_tokenizer import load_tokenizer
 from gpt2jax.convert.openai_tf import read_hparams, read_openai_dir
 from gpt2jax.errors import Gpt2JaxError
-from gpt2jax.hub import resolve_model
 from gpt2jax.model import GPT2, init_params
-from gpt2jax.runs import TrainConfig
+from gpt2jax.store import runs
+from gpt2jax.store.model_dir import detect, read_meta, restore_params
+from gpt2jax.store.runs import TrainConfig
+from gpt2jax.store.sizes import resolve_model
 from gpt2jax.tokenizer import Tokenizer
 
 #: Tokenizer file pairs a model directory may hold, in the order they are looked for.
@@ -148,7 +149,7 @@ def load(
 
     Args:
         path: the directory, or one of OpenAI's sizes ("124M", ...): its download cache,
-            downloaded on first use (see :func:`gpt2jax.hub.resolve_model`); or what
+            downloaded on first use (see :func:`gpt2jax.store.sizes.resolve_model`); or what
             :func:`describe` said of one.
         dtype: parameter dtype to load into (default: as stored for gpt2jax directories,
             float32 for OpenAI and Hugging Face ones).

@@ -106,7 +106,7 @@ def applied(scale: float) -> Iterator[None]:
 
 
 def make_prepare(scale: float):
-    """The :func:`gpt2jax.loss.make_token_losses` hook: trained ``params`` are the adapters,
+    """The :func:`gpt2jax.train.loss.make_token_losses` hook: trained ``params`` are the adapters,
     ``frozen`` the base model."""
 
     def prepare(lora: Any, base: Any) -> tuple[Any, contextlib.AbstractContextManager]:

@@ -7,8 +7,8 @@ The corpus is ``tests/fixtures/bad_inputs`` (``scripts/make_bad_inputs.py`` writ
 case is assembled in a temporary directory (its base directory, then its own files over it: a
 ``NAME.patch`` file is a JSON merge patch of the base's ``NAME``; ``remove`` lists base files to
 delete; ``generate`` describes files too big to commit) and its command is run by
-``gpt2jax.cli.main`` in this process, with file descriptors 1 and 2 redirected so that all output
-is captured, from C libraries too. An exception escaping ``main`` is printed as Python would
+``gpt2jax.cli.main.main`` in this process, with file descriptors 1 and 2 redirected so that all
+output is captured, from C libraries too. An exception escaping ``main`` is printed as Python would
 print it (a traceback) and counts as exit code 1.
 
 A case passes when: the exit code is non-zero (or 0 where ``expect.exit`` is 0: then stderr must
@@ -147,8 +147,9 @@ def _substitute(text: str, subs: dict[str, str]) -> str:
 
 
 def run_cli(args: list[str]) -> tuple[int, str, str]:
-    """``gpt2jax.cli.main(args)`` with fds 1 and 2 captured: ``(exit code, stdout, stderr)``."""
-    from gpt2jax import cli
+    """``gpt2jax.cli.main.main(args)`` with fds 1 and 2 captured: ``(exit code, stdout,
+    stderr)``."""
+    from gpt2jax.cli import main as cli
 
     sys.stdout.flush()
     sys.stderr.flush()

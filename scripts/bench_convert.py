@@ -28,7 +28,7 @@ import numpy as np
 
 from gpt2jax.config import get_preset
 from gpt2jax.convert.mapping import their_shapes
-from gpt2jax.convert.tf_bundle import write_bundle
+from gpt2jax.formats.tf_bundle import write_bundle
 
 
 def write_random_checkpoint(path: str, size: str) -> int:
@@ -103,12 +103,12 @@ def main() -> None:
         )
         convert_code = (
             "import sys, shutil\n"
-            "from gpt2jax.cli import main\n"
+            "from gpt2jax.cli.main import main\n"
             f"shutil.rmtree({dst!r}, ignore_errors=True)\n"
             f"sys.exit(main(['convert', {src!r}, {dst!r}]))\n"
         )
         import_code = (
-            "import gpt2jax.cli, gpt2jax.checkpoint, gpt2jax.convert.openai_tf, "
+            "import gpt2jax.cli.main, gpt2jax.store.model_dir, gpt2jax.convert.openai_tf, "
             "orbax.checkpoint, jax; jax.numpy.zeros(1).block_until_ready()"
         )
         # RUSAGE_CHILDREN reports the largest child so far, so measure the small ones first.

@@ -27,7 +27,7 @@ import numpy as np
 from gpt2jax.config import get_preset
 from gpt2jax.convert.hf import export_hf
 from gpt2jax.convert.mapping import our_shapes, unflatten
-from gpt2jax.convert.safetensors_io import SafetensorsFile
+from gpt2jax.formats.safetensors_io import SafetensorsFile
 
 TOKENIZER_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "gpt2-tokenizer")
 

@@ -35,7 +35,7 @@ import numpy as np
 
 from gpt2jax.config import EOT_TOKEN, GPT2Config, get_preset
 from gpt2jax.convert.mapping import our_shapes, to_theirs, unflatten
-from gpt2jax.generation import generate
+from gpt2jax.generation.host import generate
 from gpt2jax.loader import Pretrained
 from gpt2jax.tokenizer import Tokenizer
 

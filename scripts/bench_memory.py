@@ -4,7 +4,7 @@ For each model size x configuration it prints the predicted peak of one training
 compiled memory analysis: arguments + outputs + temporaries - aliased, nothing allocated; per
 device under FSDP) and, with ``--measure``, for the configurations whose prediction fits
 ``--measure-limit``, the measured peak of one real step in a fresh process
-(:mod:`gpt2jax.memory_probe`: peak RSS growth on CPU; ``peak_bytes_in_use`` and tokens/s on a
+(:mod:`gpt2jax.train.memory.probe`: peak RSS growth on CPU; ``peak_bytes_in_use`` and tokens/s on a
 GPU/TPU). It also prints how long the 1558M step takes to compile.
 
 Targets (issue 6), seq 1024, all parameters trained unless LoRA:
@@ -62,9 +62,9 @@ def config_of(size: str):
 
 
 def predict(size: str, settings: dict, batch: int, accum: int, seq_len: int) -> dict:
-    from gpt2jax.cli_plan import make_planner
-    from gpt2jax.plan import Candidate
-    from gpt2jax.recipe import MemorySettings
+    from gpt2jax.cli.plan import make_planner
+    from gpt2jax.train.memory.build import MemorySettings
+    from gpt2jax.train.memory.planner import Candidate
 
     s = MemorySettings(**settings)
     planner = make_planner(config_of(size), seq_len, s)
@@ -91,8 +91,8 @@ def predict_fsdp(size: str, seq_len: int) -> dict:
 
 
 def measure(size: str, settings: dict, batch: int, accum: int, seq_len: int) -> dict:
-    from gpt2jax.memory_probe import run_probe
-    from gpt2jax.recipe import MemorySettings
+    from gpt2jax.train.memory.build import MemorySettings
+    from gpt2jax.train.memory.probe import run_probe
 
     cfg = size if size != "tiny" else tiny_config()
     return run_probe(

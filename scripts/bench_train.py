@@ -93,8 +93,8 @@ def run_jax(args: argparse.Namespace) -> dict:
     import numpy as np
 
     from gpt2jax.model import GPT2, init_params
-    from gpt2jax.optim import learning_rate_schedule, make_optimizer
-    from gpt2jax.train import AXIS, DataParallel, TrainState, make_train_step
+    from gpt2jax.train.optim import learning_rate_schedule, make_optimizer
+    from gpt2jax.train.step import AXIS, DataParallel, TrainState, make_train_step
 
     config = shape(args)
     schedule = learning_rate_schedule(1e-4, 0, 1000, "constant")

@@ -132,7 +132,7 @@ def verify_checkpoint(run: Path, step: int) -> str | None:
     import orbax.checkpoint as ocp
     from etils import epath
 
-    from gpt2jax import runs
+    from gpt2jax.store import runs
 
     directory = epath.Path(run / "checkpoints" / str(step))
     try:
@@ -159,7 +159,7 @@ def _leaves(tree: Any) -> list[Any]:
 
 
 def logged_steps(run: Path) -> list[int]:
-    from gpt2jax.metrics import read_metrics
+    from gpt2jax.train.metrics import read_metrics
 
     return [r["step"] for r in read_metrics(str(run / "metrics.jsonl")) if "loss" in r]
 
@@ -316,7 +316,7 @@ def kill_test(
 
     ``moments`` chooses the kills' moments instead of drawing ``kills`` of them; ``save_delay``
     is the most a ``save`` kill waits after the save began."""
-    from gpt2jax import runs
+    from gpt2jax.store import runs
 
     settings = settings or Settings()
     rng = np.random.default_rng(seed)
@@ -456,7 +456,7 @@ def _leaves_with_path(tree: Any) -> list[tuple[str, Any]]:
 
 
 def _losses(run: Path) -> dict[int, float]:
-    from gpt2jax.metrics import read_metrics
+    from gpt2jax.train.metrics import read_metrics
 
     records = [r for r in read_metrics(str(run / "metrics.jsonl")) if "loss" in r]
     steps = [r["step"] for r in records]

@@ -8,9 +8,9 @@ manifest says which base files to delete. The bases:
 
 * ``bases/openai_mini/``: an OpenAI TF checkpoint directory (``hparams.json``, ``checkpoint``,
   ``model.ckpt.index``, ``model.ckpt.data-00000-of-00001``) of a 1-layer, 6-wide, 97-token
-  GPT-2 with random weights, written with :func:`gpt2jax.convert.tf_bundle.write_bundle`;
+  GPT-2 with random weights, written with :func:`gpt2jax.formats.tf_bundle.write_bundle`;
 * ``bases/hf_mini/``: the same weights as a Hugging Face directory (``config.json`` +
-  ``model.safetensors``, written with :mod:`gpt2jax.convert.safetensors_io`);
+  ``model.safetensors``, written with :mod:`gpt2jax.formats.safetensors_io`);
 * ``gpt2jax_mini`` (not stored: orbax's files hold timestamps): ``openai_mini`` converted with
   ``gpt2jax convert`` when the cases run;
 * ``tests/fixtures/openai_tiny`` (the real 50257-token vocabulary) for the data-file cases.
@@ -148,7 +148,7 @@ def hf_tensors() -> dict:
 
 def bundle_bytes(tensors: dict, tmp: Path) -> dict[str, bytes]:
     """``{index name: bytes, data name: bytes}`` of a bundle holding ``tensors``."""
-    from gpt2jax.convert.tf_bundle import write_bundle
+    from gpt2jax.formats.tf_bundle import write_bundle
 
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -157,7 +157,7 @@ def bundle_bytes(tensors: dict, tmp: Path) -> dict[str, bytes]:
 
 
 def safetensors_bytes(tensors: dict, tmp: Path) -> bytes:
-    from gpt2jax.convert.safetensors_io import write_file
+    from gpt2jax.formats.safetensors_io import write_file
 
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

@@ -3,7 +3,7 @@
     python scripts/make_tf_fixture.py [--fixtures DIR] [--tokenizer DIR] [--seed N]
 
 It uses real TensorFlow (``tf.compat.v1``, graph mode, ``tf.compat.v1.train.Saver``) so that the
-reader in :mod:`gpt2jax.convert.tf_bundle` and the OpenAI-checkpoint converter are tested on files
+reader in :mod:`gpt2jax.formats.tf_bundle` and the OpenAI-checkpoint converter are tested on files
 TensorFlow itself wrote, never on files our own writer made. Outputs, under ``tests/fixtures/``:
 
 * ``openai_tiny/``: an OpenAI-format GPT-2 model directory (``checkpoint``, ``hparams.json``,

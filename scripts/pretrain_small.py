@@ -13,11 +13,11 @@ What it does, with the library's own API only:
 2. writes a randomly initialised model directory of a small GPT-2 shape (GPT-2's tokenizer and
    its 50257-token vocabulary, so the model fine-tunes on any English text) with
    :func:`gpt2jax.init_params` and :func:`gpt2jax.save_model_dir`;
-3. trains it with :func:`gpt2jax.finetune.finetune` (AdamW, cosine schedule), the loop behind
+3. trains it with :func:`gpt2jax.train.loop.finetune` (AdamW, cosine schedule), the loop behind
    ``gpt2jax finetune``;
 4. saves the trained parameters as a model directory (``--dtype``: float32 by default, as
    committed; bfloat16 halves the size) and reports the held-out loss of what was saved,
-   measured with :func:`gpt2jax.evaluate.evaluate` (the code of ``gpt2jax eval``), next to the
+   measured with :func:`gpt2jax.train.evaluate.evaluate` (the code of ``gpt2jax eval``), next to the
    unigram level of the same held-out tokens.
 
 The unigram level is reported two ways, both in nats per token over the held-out tokens that
@@ -133,9 +133,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from gpt2jax import GPT2Config, TrainConfig, init_params, load, save_model_dir
     from gpt2jax.config import EOT_TOKEN
-    from gpt2jax.evaluate import evaluate
-    from gpt2jax.finetune import finetune
     from gpt2jax.tokenizer import Tokenizer
+    from gpt2jax.train.evaluate import evaluate
+    from gpt2jax.train.loop import finetune
 
     config = GPT2Config(
         n_ctx=args.n_ctx, n_embd=args.n_embd, n_head=args.n_head, n_layer=args.n_layer

@@ -187,17 +187,18 @@ def eval_loss(
 ) -> float:
     """The loss of ``gpt2jax eval MODEL --data DATA --seq-len SEQ_LEN --json``.
 
-    Without ``env`` the command runs in this process (its entry point, :func:`gpt2jax.cli.main`,
-    one at a time): a new interpreter per evaluation would spend more time importing JAX than
-    evaluating. With ``env``, in a child process with that environment: a run that trained on
-    8 host devices (FSDP) saved its checkpoint sharded over them, and orbax restores such a
-    checkpoint only where there are as many devices (with one it refuses: "Topology mismatch").
+    Without ``env`` the command runs in this process (its entry point,
+    :func:`gpt2jax.cli.main.main`, one at a time): a new interpreter per evaluation would spend
+    more time importing JAX than evaluating. With ``env``, in a child process with that
+    environment: a run that trained on 8 host devices (FSDP) saved its checkpoint sharded over
+    them, and orbax restores such a checkpoint only where there are as many devices (with one it
+    refuses: "Topology mismatch").
     """
     argv = ["eval", model, "--data", data, "--seq-len", str(seq_len), "--json"]
     if env is not None:
         text = run_cmd(gpt2jax_cmd(*argv), env, log_path)
         return float(json.loads(text[text.index("{") :])["loss"])
-    from gpt2jax.cli import main as gpt2jax_main
+    from gpt2jax.cli.main import main as gpt2jax_main
 
     out, err = io.StringIO(), io.StringIO()
     with _EVAL_LOCK, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):

@@ -1,4 +1,4 @@
-"""In-place gradient accumulation (:mod:`gpt2jax.accumulate`): the same gradient as
+"""In-place gradient accumulation (:mod:`gpt2jax.train.memory.accumulate`): the same gradient as
 ``jax.grad``, the same update as one big batch, and no second full gradient buffer."""
 
 from __future__ import annotations
@@ -10,13 +10,13 @@ import optax
 import pytest
 
 from conftest import TINY, random_params
-from gpt2jax.accumulate import make_accumulate
 from gpt2jax.config import GPT2Config
-from gpt2jax.loss import make_token_losses
 from gpt2jax.model import GPT2
-from gpt2jax.plan import peak_bytes
-from gpt2jax.recipe import MemorySettings, build
-from gpt2jax.train import TrainState, make_train_step
+from gpt2jax.train.loss import make_token_losses
+from gpt2jax.train.memory.accumulate import make_accumulate
+from gpt2jax.train.memory.build import MemorySettings, build
+from gpt2jax.train.memory.planner import peak_bytes
+from gpt2jax.train.step import TrainState, make_train_step
 
 
 def rel_err(a, b) -> float:

@@ -4,8 +4,8 @@ Every case (damaged TF checkpoints, configs, Hugging Face directories, tokenizer
 prompt files; see ``scripts/make_bad_inputs.py``) must end with a non-zero exit code and exactly
 one error line, the last, naming the file and what is wrong, with no traceback and nothing
 written to the destination (``scripts/bad_input_table.py`` defines the checks). The cases run in
-one subprocess that calls ``gpt2jax.cli.main`` for each, capturing file descriptors 1 and 2; a few
-also run as real ``python -m gpt2jax`` processes, and ``--debug`` must show the traceback.
+one subprocess that calls ``gpt2jax.cli.main.main`` for each, capturing file descriptors 1 and 2; a
+few also run as real ``python -m gpt2jax`` processes, and ``--debug`` must show the traceback.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import sys
 import pytest
 
 from conftest import FIXTURES, ROOT, SHARED
-from gpt2jax import cli
+from gpt2jax.cli import main as cli
 
 CORPUS = FIXTURES / "bad_inputs"
 

@@ -15,7 +15,7 @@ import pytest
 
 import gpt2jax
 from conftest import FIXTURES, hf_model
-from gpt2jax.cli import main as cli_main
+from gpt2jax.cli.main import main as cli_main
 from gpt2jax.convert import mapping
 from gpt2jax.convert.openai_tf import read_openai_dir
 
@@ -88,7 +88,7 @@ def test_refuses_to_overwrite(converted, capsys):
 
 
 def test_every_subcommand_has_help():
-    from gpt2jax.cli import build_parser
+    from gpt2jax.cli.main import build_parser
 
     parser = build_parser()
     commands = parser._subparsers._group_actions[0].choices

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gpt2jax.convert import crc32c as crc_module
-from gpt2jax.convert.crc32c import crc32c, crc32c_bytewise, crc32c_numpy, mask, unmask
+from gpt2jax.formats import crc32c as crc_module
+from gpt2jax.formats.crc32c import crc32c, crc32c_bytewise, crc32c_numpy, mask, unmask
 
 # RFC 3720 (iSCSI) appendix B.4 and the usual check value.
 KNOWN = [

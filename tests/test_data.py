@@ -13,11 +13,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import FIXTURES, TOKENIZER_DIR
-from gpt2jax import data as data_mod
-from gpt2jax.batches import Prefetcher, WindowSampler, eval_windows, spread
-from gpt2jax.data import load_tokens, safe_split, split_tail
 from gpt2jax.errors import DataError
 from gpt2jax.tokenizer import Tokenizer
+from gpt2jax.train import data as data_mod
+from gpt2jax.train.batches import Prefetcher, WindowSampler, eval_windows, spread
+from gpt2jax.train.data import load_tokens, safe_split, split_tail
 
 ENGLISH = FIXTURES / "english.txt"
 TRICKY = (

@@ -21,12 +21,12 @@ import pytest
 
 import gpt2jax
 from conftest import FIXTURES
-from gpt2jax import download as dl
-from gpt2jax.checkpoint import detect
-from gpt2jax.cli import main
+from gpt2jax.cli.main import main
 from gpt2jax.convert.mapping import flatten
 from gpt2jax.errors import CheckpointError, ConfigError, Gpt2JaxError
-from gpt2jax.hub import resolve_model
+from gpt2jax.store import download as dl
+from gpt2jax.store.model_dir import detect
+from gpt2jax.store.sizes import resolve_model
 
 TINY_DIR = FIXTURES / "openai_tiny"
 DATA = "model.ckpt.data-00000-of-00001"  # the big file (2.4 MB): where faults are injected

@@ -16,12 +16,12 @@ import pytest
 
 import gpt2jax
 from conftest import FIXTURES
-from gpt2jax import cli
+from gpt2jax.cli import main as cli
 from gpt2jax.errors import Gpt2JaxError
-from gpt2jax.evaluate import evaluate
-from gpt2jax.finetune import NonFiniteLossError, finetune
-from gpt2jax.metrics import read_metrics
-from gpt2jax.runs import TrainConfig, read_run, restore_params
+from gpt2jax.store.runs import TrainConfig, read_run, restore_params
+from gpt2jax.train.evaluate import evaluate
+from gpt2jax.train.loop import NonFiniteLossError, finetune
+from gpt2jax.train.metrics import read_metrics
 
 TINY_MODEL = str(FIXTURES / "openai_tiny")  # n_vocab 50257, n_ctx 29, n_embd 12, 2 layers
 ENGLISH = (FIXTURES / "english.txt").read_text(encoding="utf-8")
@@ -156,7 +156,7 @@ def test_resume_with_more_steps_keeps_the_schedule_horizon(texts, tmp_path, caps
     it on purpose; a run.json from before schedule_steps keeps its recorded horizon too."""
     import shutil
 
-    from gpt2jax.optim import learning_rate_schedule
+    from gpt2jax.train.optim import learning_rate_schedule
 
     lr = 1e-2
     cfg = config(texts, steps=6, schedule="cosine", warmup=0, lr=lr, batch_size=2, grad_accum=1,

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import FIXTURES
-from gpt2jax.cli import main as cli_main
+from gpt2jax.cli.main import main as cli_main
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

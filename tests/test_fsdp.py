@@ -23,11 +23,11 @@ from jax.sharding import PartitionSpec
 
 from conftest import ROOT, TINY, random_params
 from gpt2jax.convert import mapping
-from gpt2jax.layerwise import Layerwise
-from gpt2jax.loss import make_token_losses
 from gpt2jax.model import GPT2
-from gpt2jax.sharding import AXIS, FSDP, make_prepare, partition_spec
-from gpt2jax.train import TrainState, make_train_step
+from gpt2jax.train.layerwise import Layerwise
+from gpt2jax.train.loss import make_token_losses
+from gpt2jax.train.sharding import AXIS, FSDP, make_prepare, partition_spec
+from gpt2jax.train.step import TrainState, make_train_step
 
 # Big enough that the blocks' weights and wte (>= 2^14 numbers) are sharded 8 ways; wpe (n_ctx
 # 23), the biases and LayerNorms are replicated.
@@ -67,8 +67,8 @@ _SCRIPT = textwrap.dedent(
     from test_fsdp import CONFIG, SEED, windows, tx, fsdp_loss_fn, model
     from conftest import random_params
     from gpt2jax.convert import mapping
-    from gpt2jax.sharding import FSDP
-    from gpt2jax.train import TrainState, make_train_step
+    from gpt2jax.train.sharding import FSDP
+    from gpt2jax.train.step import TrainState, make_train_step
     out = sys.argv[1]
     fsdp = FSDP()
     assert fsdp.num_devices == 8
@@ -196,7 +196,7 @@ import sys
 sys.path.insert(0, "tests")
 import jax, numpy as np
 from test_fsdp import restore
-from gpt2jax.sharding import FSDP
+from gpt2jax.train.sharding import FSDP
 state = restore("{ckpt}", FSDP())
 w = state.params["h"]["mlp"]["c_fc"]["w"]
 assert len(w.sharding.device_set) == {n}

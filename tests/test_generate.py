@@ -12,14 +12,15 @@ import numpy as np
 import pytest
 
 from conftest import TINY, TOKENIZER_DIR, hf_model, random_params
-from gpt2jax import cli, decoding
-from gpt2jax.checkpoint import save_model_dir
+from gpt2jax.cli import main as cli
 from gpt2jax.config import EOT_TOKEN, GPT2Config
 from gpt2jax.errors import Gpt2JaxError
-from gpt2jax.generation import generate, row_keys
+from gpt2jax.generation import decoding
+from gpt2jax.generation.host import generate, row_keys
+from gpt2jax.generation.sampling import Sampler
+from gpt2jax.loader import Pretrained, load
 from gpt2jax.model import GPT2, KVCache
-from gpt2jax.pretrained import Pretrained, load
-from gpt2jax.sampling import Sampler
+from gpt2jax.store.model_dir import save_model_dir
 from gpt2jax.tokenizer import Tokenizer
 
 GREEDY = Sampler.make(greedy=True)

@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 
 from conftest import FIXTURES, TINY, TOKENIZER_DIR, hf_model, random_params
-from gpt2jax.cli import main as cli_main
+from gpt2jax.cli.main import main as cli_main
 from gpt2jax.config import GPT2Config
 from gpt2jax.convert import hf, mapping
 from gpt2jax.convert.hf_tokenizer import HF_NAMES, OPENAI_NAMES
-from gpt2jax.convert.safetensors_io import SafetensorsFile, load_file, save_file
 from gpt2jax.errors import CheckpointError, ConfigError, Gpt2JaxError
+from gpt2jax.formats.safetensors_io import SafetensorsFile, load_file, save_file
 from gpt2jax.model import GPT2
 from gpt2jax.tokenizer import Tokenizer
 
@@ -267,7 +267,7 @@ def test_import_what_transformers_saves_including_tokenizer_json(tmp_path):
     assert cli_main(["convert", str(src), dst]) == 0
     for name in ("encoder.json", "vocab.bpe"):
         assert open(os.path.join(dst, name), "rb").read() == (TOKENIZER_DIR / name).read_bytes()
-    from gpt2jax import pretrained
+    from gpt2jax import loader as pretrained
 
     model = pretrained.load(dst)
     _assert_tree_bitwise(model.params, params)
@@ -468,7 +468,7 @@ def test_cli_export_info_and_load(tmp_path, capsys):
     assert cli_main(["export", ckpt, out, "--max-shard-size", "5 parsecs", "--force"]) == 1
     assert "not a size" in capsys.readouterr().err
 
-    from gpt2jax import pretrained
+    from gpt2jax import loader as pretrained
 
     a, b = pretrained.load(ckpt), pretrained.load(out)
     _assert_tree_bitwise(a.params, b.params)
@@ -478,7 +478,7 @@ def test_cli_export_info_and_load(tmp_path, capsys):
 def test_hf_script_delegates_to_the_cli(tmp_path, capsys):
     out = _export(tmp_path)
     dst = str(tmp_path / "ckpt")
-    from gpt2jax.cli import script_main
+    from gpt2jax.cli.main import script_main
 
     assert script_main("hf", ["import", out, dst]) == 0
     assert script_main("hf", ["export", dst, str(tmp_path / "again"), "--format", "bin"]) == 0

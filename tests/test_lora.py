@@ -13,10 +13,10 @@ import pytest
 from conftest import FIXTURES, TINY, random_params
 from gpt2jax import lora
 from gpt2jax.errors import ConfigError
-from gpt2jax.freeze import make_prepare as freeze_prepare
-from gpt2jax.freeze import parse_freeze
-from gpt2jax.loss import make_token_losses
 from gpt2jax.model import GPT2
+from gpt2jax.train.loss import make_token_losses
+from gpt2jax.train.memory.freeze import make_prepare as freeze_prepare
+from gpt2jax.train.memory.freeze import parse_freeze
 
 RANK = 3
 
@@ -140,11 +140,11 @@ def test_bfloat16_lora_run_exports_its_small_deltas_in_float32(tmp_path, capsys)
     float32 export holds base + scale * A @ B (float64 reference), not the base rounded back;
     a bfloat16 export says how much it rounded away."""
     import gpt2jax
-    from gpt2jax.cli import main as cli_main
+    from gpt2jax.cli.main import main as cli_main
     from gpt2jax.convert import mapping
     from gpt2jax.convert.hf import read_hf_dir
-    from gpt2jax.finetune import finetune
-    from gpt2jax.runs import TrainConfig, read_run, restore_adapters
+    from gpt2jax.store.runs import TrainConfig, read_run, restore_adapters
+    from gpt2jax.train.loop import finetune
 
     tiny_model = str(FIXTURES / "openai_tiny")
     text = tmp_path / "train.txt"

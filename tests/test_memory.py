@@ -17,10 +17,14 @@ import pytest
 
 from conftest import TINY, random_params
 from gpt2jax.convert import mapping
-from gpt2jax.layerwise import Layerwise, apply_optimizer
-from gpt2jax.loss import chunked_token_losses, make_token_losses
-from gpt2jax.lowp import dithered_round, scale_by_adam_lowp, scale_by_momentum_lowp
 from gpt2jax.model import GPT2
+from gpt2jax.train.layerwise import Layerwise, apply_optimizer
+from gpt2jax.train.loss import chunked_token_losses, make_token_losses
+from gpt2jax.train.memory.precision import (
+    dithered_round,
+    scale_by_adam_lowp,
+    scale_by_momentum_lowp,
+)
 
 GRAD_TOL = 2e-5
 

@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 
 from conftest import FIXTURES, TINY, random_params
-from gpt2jax.cli import main as cli_main
+from gpt2jax.cli.main import main as cli_main
 from gpt2jax.convert import mapping
 from gpt2jax.convert.openai_export import export_openai
 from gpt2jax.convert.openai_tf import checkpoint_prefix, read_openai_dir
-from gpt2jax.convert.tf_bundle import BundleReader
 from gpt2jax.errors import ConfigError, Gpt2JaxError
+from gpt2jax.formats.tf_bundle import BundleReader
 
 SRC = FIXTURES / "openai_tiny"
 FILES = ["checkpoint", "encoder.json", "hparams.json", "model.ckpt.data-00000-of-00001"]
@@ -86,7 +86,7 @@ def test_refuses_what_openais_code_cannot_run(tmp_path):
 
 
 def test_cli_and_script(tmp_path, capsys):
-    from gpt2jax.cli import script_main
+    from gpt2jax.cli.main import script_main
 
     ckpt, out = str(tmp_path / "ckpt"), tmp_path / "openai"
     assert cli_main(["convert", str(SRC), ckpt]) == 0

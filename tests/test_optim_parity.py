@@ -1,8 +1,8 @@
 """Our optimizers against code we did not write, and what a tiny learning rate does to a model.
 
-Parity: each optimizer exactly as ``finetune`` builds it (:func:`gpt2jax.recipe.build`, so
-through :class:`gpt2jax.layerwise.Layerwise`) runs 20 steps of fixed random gradients under a
-warmup + cosine schedule beside ``torch.optim.AdamW``, ``torch.optim.SGD`` and
+Parity: each optimizer exactly as ``finetune`` builds it (:func:`gpt2jax.train.memory.build.build`,
+so through :class:`gpt2jax.train.layerwise.Layerwise`) runs 20 steps of fixed random gradients
+under a warmup + cosine schedule beside ``torch.optim.AdamW``, ``torch.optim.SGD`` and
 ``transformers.optimization.Adafactor``, which see every layer's matrices as separate
 parameters and decay the ``w`` leaves only. Real GPT-2 widths, so Adafactor's factored
 statistics run on 768 x 2304, 768 x 768, 768 x 3072 and 3072 x 768 matrices. Ours runs in
@@ -22,11 +22,11 @@ import pytest
 
 import gpt2jax
 from conftest import FIXTURES, random_params
-from gpt2jax import cli
+from gpt2jax.cli import main as cli
 from gpt2jax.config import GPT2Config
 from gpt2jax.convert import mapping
-from gpt2jax.optim import OPTIMIZERS, SGD_MOMENTUM, learning_rate_schedule
-from gpt2jax.recipe import MemorySettings, build
+from gpt2jax.train.memory.build import MemorySettings, build
+from gpt2jax.train.optim import OPTIMIZERS, SGD_MOMENTUM, learning_rate_schedule
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

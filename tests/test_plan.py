@@ -7,11 +7,11 @@ import dataclasses
 import pytest
 
 from conftest import FIXTURES
-from gpt2jax.cli import main
+from gpt2jax.cli.main import main
 from gpt2jax.config import GPT2Config
 from gpt2jax.errors import ConfigError
-from gpt2jax.memory_probe import run_probe
-from gpt2jax.plan import (
+from gpt2jax.train.memory.build import MemorySettings
+from gpt2jax.train.memory.planner import (
     Candidate,
     GiB,
     Planner,
@@ -23,7 +23,7 @@ from gpt2jax.plan import (
     search,
     usable_bytes,
 )
-from gpt2jax.recipe import MemorySettings
+from gpt2jax.train.memory.probe import run_probe
 
 TINY_MODEL = str(FIXTURES / "openai_tiny")
 # Big enough that the step's memory (0.9-1.7 GB: a 25M-parameter vocabulary, optimizer state,
@@ -158,7 +158,7 @@ def test_state_bytes_count_state_and_gradients():
     assert 4 * n < planner.state_bytes(adamw) < 4.1 * n
     accumulating = dataclasses.replace(adamw, grad_accum=2)
     assert planner.state_bytes(accumulating) - planner.state_bytes(adamw) == n
-    # Block remat accumulates in place (gpt2jax.accumulate): no second gradient buffer.
+    # Block remat accumulates in place (gpt2jax.train.memory.accumulate): no second gradient buffer.
     in_place = Candidate(MemorySettings(remat="block"), 2, 2)
     assert planner.state_bytes(in_place) == planner.state_bytes(adamw)
 

@@ -104,7 +104,7 @@ def rewrite(code: str) -> str:
 
 def _fake_download(cache: Path) -> None:
     """Every size as ``gpt2jax download`` leaves it, holding the tiny checkpoint."""
-    from gpt2jax.download import FILES, MANIFEST
+    from gpt2jax.store.download import FILES, MANIFEST
 
     for size in SIZES:
         directory = cache / "models" / size

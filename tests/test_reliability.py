@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from conftest import FIXTURES, ROOT
-from gpt2jax import cli
+from gpt2jax.cli import main as cli
 
 
 def _script(name: str):

@@ -22,11 +22,11 @@ import numpy as np
 import pytest
 
 from conftest import FIXTURES, ROOT, TINY, TOKENIZER_DIR, random_params
-from gpt2jax.cli import main as cli_main
+from gpt2jax.cli.main import main as cli_main
 from gpt2jax.convert import hf
 from gpt2jax.convert.openai_tf import checkpoint_prefix, read_openai_dir
-from gpt2jax.convert.tf_bundle import BundleReader, write_bundle
 from gpt2jax.errors import CheckpointError
+from gpt2jax.formats.tf_bundle import BundleReader, write_bundle
 
 SCANNED = ("gpt2jax", "convert")
 #: Modules whose loaders rebuild arbitrary objects, i.e. run code the file names.
@@ -157,7 +157,7 @@ def test_no_unsafe_loading_in_the_package() -> None:
         findings += found
         loads += seen
     assert not findings, "\n".join(findings)
-    # the scan is not vacuous: it saw the one torch.load there is (convert/torch_bin.py)
+    # the scan is not vacuous: it saw the one torch.load there is (gpt2jax/formats/torch_bin.py)
     assert any("torch_bin.py" in where and "torch.load" in where for where in loads), loads
 
 

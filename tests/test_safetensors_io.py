@@ -1,4 +1,5 @@
-"""convert/safetensors_io.py against the reference ``safetensors`` package, and on bad files."""
+"""gpt2jax/formats/safetensors_io.py against the reference ``safetensors`` package, and on bad
+files."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from gpt2jax.convert import safetensors_io as st
 from gpt2jax.errors import CheckpointError
+from gpt2jax.formats import safetensors_io as st
 
 safetensors_numpy = pytest.importorskip("safetensors.numpy")
 

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gpt2jax.sampling import (
+from gpt2jax.generation.sampling import (
     Sampler,
     apply_temperature,
     greedy_choice,

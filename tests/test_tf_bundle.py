@@ -19,9 +19,9 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from gpt2jax.convert import tf_bundle
-from gpt2jax.convert.tf_bundle import BundleReader, data_filename, write_bundle
 from gpt2jax.errors import CheckpointError
+from gpt2jax.formats import tf_bundle
+from gpt2jax.formats.tf_bundle import BundleReader, data_filename, write_bundle
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 OPENAI = FIXTURES / "openai_tiny" / "model.ckpt"

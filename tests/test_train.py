@@ -18,8 +18,8 @@ import pytest
 from conftest import ROOT, TINY, hf_model, random_params
 from gpt2jax.convert import mapping
 from gpt2jax.model import GPT2
-from gpt2jax.optim import decay_mask, learning_rate_schedule, make_optimizer
-from gpt2jax.train import TrainState, make_train_step, token_losses
+from gpt2jax.train.optim import decay_mask, learning_rate_schedule, make_optimizer
+from gpt2jax.train.step import TrainState, make_train_step, token_losses
 
 LR, BETAS, EPS, WD = 1e-3, (0.9, 0.999), 1e-8, 0.1
 # HF names of the weights we decay: the four matmul weights of each block.
@@ -205,8 +205,8 @@ def test_nonfinite_update_is_skipped(step_fn):
 def test_logged_lr_is_the_one_applied_when_updates_are_skipped():
     """Update 2 of 4 has a NaN loss and is skipped: it applies no lr (logged 0), and the
     optimizer's schedule, which counts applied updates, goes on from where it stopped."""
-    from gpt2jax.layerwise import Layerwise
-    from gpt2jax.loss import make_token_losses
+    from gpt2jax.train.layerwise import Layerwise
+    from gpt2jax.train.loss import make_token_losses
 
     schedule = learning_rate_schedule(1e-3, 0, 10, "linear")  # a different lr every update
     tx = Layerwise(make_optimizer("adamw", schedule, clip=0.0))
@@ -243,9 +243,9 @@ _PMAP_SCRIPT = textwrap.dedent(
     import jax, numpy as np
     from conftest import TINY, random_params
     from gpt2jax.model import GPT2
-    from gpt2jax.optim import learning_rate_schedule, make_optimizer
-    from gpt2jax.train import AXIS, DataParallel, TrainState, make_eval_step, make_train_step
-    from gpt2jax.batches import eval_windows
+    from gpt2jax.train.optim import learning_rate_schedule, make_optimizer
+    from gpt2jax.train.step import AXIS, DataParallel, TrainState, make_eval_step, make_train_step
+    from gpt2jax.train.batches import eval_windows
     from gpt2jax.convert import mapping
 
     assert jax.local_device_count() == 8

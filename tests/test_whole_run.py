@@ -17,9 +17,9 @@ import sys
 import pytest
 
 from conftest import FIXTURES, TOKENIZER_DIR
-from gpt2jax.checkpoint import save_model_dir
 from gpt2jax.config import GPT2Config
 from gpt2jax.model import init_params
+from gpt2jax.store.model_dir import save_model_dir
 
 TIME = "/usr/bin/time"  # GNU time: %M is the peak resident set size in KiB
 CONFIG = GPT2Config(n_vocab=50257, n_ctx=64, n_embd=768, n_head=12, n_layer=4)
@@ -41,7 +41,7 @@ def run_measured(args: list[str], tmp_path) -> tuple[int, str, int]:
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one device
     log, peak = tmp_path / "log.txt", tmp_path / "peak.txt"
     with open(log, "w") as f:
-        cmd = [TIME, "-f", "%M", "-o", str(peak), sys.executable, "-m", "gpt2jax.cli", *args]
+        cmd = [TIME, "-f", "%M", "-o", str(peak), sys.executable, "-m", "gpt2jax.cli.main", *args]
         code = subprocess.run(cmd, stdout=f, stderr=f, env=env, timeout=900).returncode
     return code, log.read_text(), int(peak.read_text().split()[-1]) * 1024
 

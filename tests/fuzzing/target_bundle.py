@@ -1,4 +1,4 @@
-"""Fuzz target: the TF tensor-bundle reader, :class:`gpt2jax.convert.tf_bundle.BundleReader`.
+"""Fuzz target: the TF tensor-bundle reader, :class:`gpt2jax.formats.tf_bundle.BundleReader`.
 
 Bundles are made from the committed fixtures or from random tensors (``write_bundle``), then:
 bytes of the index mutated (optionally with every block's CRC re-sealed, so the corruption
@@ -31,9 +31,9 @@ from fuzzing.mutations import (
     random_array,
     varint,
 )
-from gpt2jax.convert import tf_bundle
-from gpt2jax.convert.crc32c import crc32c, mask
 from gpt2jax.errors import Gpt2JaxError
+from gpt2jax.formats import tf_bundle
+from gpt2jax.formats.crc32c import crc32c, mask
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 BUNDLE_FIXTURES = {

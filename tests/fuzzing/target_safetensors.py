@@ -1,4 +1,4 @@
-"""Fuzz target: the safetensors reader, :class:`gpt2jax.convert.safetensors_io.SafetensorsFile`.
+"""Fuzz target: the safetensors reader, :class:`gpt2jax.formats.safetensors_io.SafetensorsFile`.
 
 Files of random tensors with: hostile header lengths (``2**63``...), headers that are not JSON
 objects, entries with unknown dtypes, shapes whose product overflows (or that are empty but
@@ -29,7 +29,7 @@ from fuzzing.mutations import (
     mutate,
     random_array,
 )
-from gpt2jax.convert import safetensors_io
+from gpt2jax.formats import safetensors_io
 
 _ST_NAMES = sorted(safetensors_io.DTYPES)
 #: Names that are not safetensors dtypes (the real format has more: we refuse those too).

@@ -1,6 +1,7 @@
-"""``gpt2jax plan MODEL --memory 16GB``: which training settings fit, and why (:mod:`gpt2jax.plan`).
+"""``gpt2jax plan MODEL --memory 16GB``: which training settings fit, and why
+(:mod:`gpt2jax.train.memory.planner`).
 
-Registered by :mod:`gpt2jax.cli`. Only the model's shape is read (no weights are loaded), and
+Registered by :mod:`gpt2jax.cli.main`. Only the model's shape is read (no weights are loaded), and
 nothing is allocated: every candidate's training step is compiled on abstract shapes.
 """
 
@@ -16,10 +17,10 @@ from gpt2jax.config import GPT2Config
 def add_memory_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
     """The memory flags shared by ``plan`` and ``finetune``, except those in ``skip``. They
     default to None, so that a command can tell which were given (the defaults in the help are
-    :class:`gpt2jax.recipe.MemorySettings`'s)."""
+    :class:`gpt2jax.train.memory.build.MemorySettings`'s)."""
     from gpt2jax.model import REMAT_POLICIES
-    from gpt2jax.optim import OPTIMIZERS
-    from gpt2jax.recipe import DTYPES, PARALLEL, MemorySettings
+    from gpt2jax.train.memory.build import DTYPES, PARALLEL, MemorySettings
+    from gpt2jax.train.optim import OPTIMIZERS
 
     dtypes = tuple(DTYPES)
     flags = (
@@ -95,7 +96,7 @@ def add_plan(sub: argparse._SubParsersAction) -> None:
 def settings_from_args(args: argparse.Namespace):
     """``(MemorySettings, names given)``: the memory settings of the flags (defaults where not
     given)."""
-    from gpt2jax.recipe import MemorySettings
+    from gpt2jax.train.memory.build import MemorySettings
 
     names = [f.name for f in dataclasses.fields(MemorySettings)]
     given = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
@@ -103,7 +104,7 @@ def settings_from_args(args: argparse.Namespace):
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from gpt2jax.plan import chosen_line, format_row, header, resolve_memory, search
+    from gpt2jax.train.memory.planner import chosen_line, format_row, header, resolve_memory, search
 
     budget, read_as = resolve_memory(args.memory)
     config = model_config(args.model)
@@ -132,13 +133,14 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 
 def make_planner(config: GPT2Config, seq_len: int, settings, sample_length: int = 64):
-    """A :class:`gpt2jax.plan.Planner` over this process's devices for ``settings.parallel``."""
+    """A :class:`gpt2jax.train.memory.planner.Planner` over this process's devices for
+    ``settings.parallel``."""
     import jax
 
-    from gpt2jax.plan import Planner
+    from gpt2jax.train.memory.planner import Planner
 
     if settings.parallel == "fsdp":
-        from gpt2jax.sharding import FSDP
+        from gpt2jax.train.sharding import FSDP
 
         return Planner(config, seq_len, fsdp=FSDP(), sample_length=sample_length)
     return Planner(config, seq_len, n_devices=jax.local_device_count(), sample_length=sample_length)

@@ -53,7 +53,7 @@ import numpy as np
 
 from gpt2jax.errors import DataError
 from gpt2jax.progress import progress_bar
-from gpt2jax.runs import write_json_atomic
+from gpt2jax.store.runs import write_json_atomic
 from gpt2jax.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)

@@ -1,8 +1,8 @@
 """``gpt2jax eval MODEL --data FILE``: loss and perplexity of a model on a text.
 
-The text is tokenized like training data (:mod:`gpt2jax.data`, cached) and covered by
+The text is tokenized like training data (:mod:`gpt2jax.train.data`, cached) and covered by
 consecutive non-overlapping windows of ``seq_len + 1`` tokens
-(:func:`gpt2jax.batches.eval_windows`): every token after the first is predicted once, from at
+(:func:`gpt2jax.train.batches.eval_windows`): every token after the first is predicted once, from at
 most ``seq_len`` tokens of context. The loss is the mean token cross-entropy in nats; perplexity
 is its exponential.
 """
@@ -13,10 +13,10 @@ import math
 import os
 from typing import Any
 
-from gpt2jax.batches import eval_windows
-from gpt2jax.data import check_vocab, load_tokens
 from gpt2jax.errors import ConfigError, DataError
-from gpt2jax.train import AXIS, DataParallel, make_eval_step
+from gpt2jax.train.batches import eval_windows
+from gpt2jax.train.data import check_vocab, load_tokens
+from gpt2jax.train.step import AXIS, DataParallel, make_eval_step
 
 
 def evaluate(
@@ -35,8 +35,8 @@ def evaluate(
     ``seq_len`` defaults to the model's context (at most 1024); ``batch_size`` windows are
     evaluated at a time, over all local devices (rounded up to a multiple of their number).
     """
-    from gpt2jax.hub import resolve_model
     from gpt2jax.loader import load
+    from gpt2jax.store.sizes import resolve_model
 
     model = load(resolve_model(model_path))  # a size name ("124M") means the download cache
     config = model.config

@@ -1,7 +1,7 @@
-"""``gpt2jax finetune`` and ``gpt2jax eval``: flags, registered by :mod:`gpt2jax.cli`.
+"""``gpt2jax finetune`` and ``gpt2jax eval``: flags, registered by :mod:`gpt2jax.cli.main`.
 
 Every ``finetune`` flag defaults to None here so that the command can tell which ones were
-given: a new run fills the rest from :class:`gpt2jax.runs.TrainConfig`'s defaults, a resumed
+given: a new run fills the rest from :class:`gpt2jax.store.runs.TrainConfig`'s defaults, a resumed
 run from its ``run.json`` (and only the flags in ``TrainConfig.RESUMABLE`` may change then).
 """
 
@@ -15,7 +15,7 @@ import os
 import sys
 from typing import Any
 
-from gpt2jax.cli_plan import add_memory_flags
+from gpt2jax.cli.plan import add_memory_flags
 from gpt2jax.errors import ConfigError
 
 # (flag, TrainConfig field, type, help); defaults come from TrainConfig.
@@ -63,8 +63,8 @@ _TRAIN_FLAGS: tuple[tuple[str, str, type, str], ...] = (
 
 
 def add_finetune(sub: argparse._SubParsersAction) -> None:
-    from gpt2jax.optim import OPTIMIZERS, SCHEDULES
-    from gpt2jax.runs import TrainConfig
+    from gpt2jax.store.runs import TrainConfig
+    from gpt2jax.train.optim import OPTIMIZERS, SCHEDULES
 
     defaults = TrainConfig()
     p = sub.add_parser(
@@ -109,15 +109,15 @@ def add_finetune(sub: argparse._SubParsersAction) -> None:
 
 def _given(args: argparse.Namespace) -> dict:
     """TrainConfig fields whose flags were given on the command line."""
-    from gpt2jax.runs import TrainConfig
+    from gpt2jax.store.runs import TrainConfig
 
     names = {f.name for f in dataclasses.fields(TrainConfig)} - {"model", "data", "val_data"}
     return {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
-    from gpt2jax.finetune import finetune
-    from gpt2jax.runs import TrainConfig
+    from gpt2jax.store.runs import TrainConfig
+    from gpt2jax.train.loop import finetune
 
     log_to_stderr()
     cache_compiled_code()
@@ -149,10 +149,12 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def _planned(args: argparse.Namespace, given: dict) -> dict:
-    """The settings ``--memory`` chooses (:func:`gpt2jax.plan.search`), the table on stderr."""
-    from gpt2jax.cli_plan import make_planner, model_config, settings_from_args
+    """The settings ``--memory`` chooses (:func:`gpt2jax.train.memory.planner.search`), the table
+    on stderr."""
+    from gpt2jax.cli.plan import make_planner, model_config, settings_from_args
     from gpt2jax.config import get_preset
-    from gpt2jax.plan import (
+    from gpt2jax.store.runs import TrainConfig
+    from gpt2jax.train.memory.planner import (
         approximate_settings,
         chosen_line,
         describe_choice,
@@ -161,7 +163,6 @@ def _planned(args: argparse.Namespace, given: dict) -> dict:
         resolve_memory,
         search,
     )
-    from gpt2jax.runs import TrainConfig
 
     if not (args.model or args.init):
         return {}  # TrainConfig.validate says what is missing
@@ -214,7 +215,7 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from gpt2jax.evaluate import evaluate
+    from gpt2jax.train.evaluate import evaluate
 
     log_to_stderr()
     cache_compiled_code()
@@ -256,7 +257,7 @@ def quiet_background_errors() -> None:
     records, and "exception ignored" reports from its coroutines and from TensorStore calling
     back into its closed event loop: hundreds of traceback lines for one full disk). The failure
     itself is raised again by the next save and reported as one line
-    (:class:`gpt2jax.runs.Checkpoints`). ``--debug`` keeps them all."""
+    (:class:`gpt2jax.store.runs.Checkpoints`). ``--debug`` keeps them all."""
     for name in ("absl", "asyncio"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
     sys.unraisablehook = _unraisable_unless_orbax
@@ -276,7 +277,7 @@ def _unraisable_unless_orbax(unraisable: Any) -> None:
 
 def cache_compiled_code() -> None:
     """On accelerators, keeps XLA's compiled programs in ``<cache root>/jax`` (see
-    ``gpt2jax.data.cache_root``), so that a resumed run, or another of the same shape, starts
+    ``gpt2jax.train.data.cache_root``), so that a resumed run, or another of the same shape, starts
     without recompiling (minutes for the big models on a TPU). ``JAX_COMPILATION_CACHE_DIR``
     chooses another place, also on CPU, where it is off by default: compiling is quick there,
     and a CPU program is built for the host's instruction set, which a cache in a home
@@ -284,8 +285,8 @@ def cache_compiled_code() -> None:
     """
     import jax
 
-    from gpt2jax.data import cache_root
-    from gpt2jax.train import initialize_distributed
+    from gpt2jax.train.data import cache_root
+    from gpt2jax.train.step import initialize_distributed
 
     initialize_distributed()  # before anything starts JAX's backends
     if not os.environ.get("JAX_COMPILATION_CACHE_DIR") and jax.default_backend() != "cpu":

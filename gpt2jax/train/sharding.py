@@ -11,7 +11,7 @@ the parameters, gradients and optimizer state, plus one layer's gathered weights
 of the activations.
 
 The layer axis of the stacked block weights ``h/...`` is never sharded: the layer scan (and the
-layer-by-layer optimizer, :mod:`gpt2jax.layerwise`) slices it, and a sharded slice axis would
+layer-by-layer optimizer, :mod:`gpt2jax.train.layerwise`) slices it, and a sharded slice axis would
 turn every slice into communication. Tensors under :data:`MIN_SHARD_ELEMENTS` (biases, LayerNorm,
 step counters) are replicated: splitting them saves nothing and costs a collective each.
 
@@ -19,7 +19,7 @@ Checkpoints: orbax saves sharded arrays as they are (each device writes its shar
 onto whatever shardings the abstract target names, so a state saved on 8 devices restores onto
 1 or 4 (:func:`abstract_state`; the tests do exactly that). One process only: several hosts need
 ``jax.distributed`` and a global batch assembled per host, which the pmapped data-parallel mode
-(:class:`gpt2jax.train.DataParallel`) already does.
+(:class:`gpt2jax.train.step.DataParallel`) already does.
 """
 
 from __future__ import annotations
@@ -140,7 +140,7 @@ class FSDP:
     def compile_train_step(self, train_step: Callable, state_shapes: Any = None) -> Callable:
         """``train_step(state, batch) -> (state, metrics)`` jitted with the state sharded (and
         donated), the batch split over devices, the metrics replicated and, like
-        :class:`gpt2jax.train.DataParallel`'s, with a leading axis (of 1: one SPMD program).
+        :class:`gpt2jax.train.step.DataParallel`'s, with a leading axis (of 1: one SPMD program).
         Without ``state_shapes`` the shardings are read off the first state it is called with.
         """
 
@@ -179,7 +179,7 @@ class FSDP:
 
     def replicate(self, tree: Any) -> Any:
         """The train state (or any tree) put on the devices, sharded (the name is
-        :class:`~gpt2jax.train.DataParallel`'s, whose state is replicated)."""
+        :class:`~gpt2jax.train.step.DataParallel`'s, whose state is replicated)."""
         return self.place(tree)
 
     def unreplicate(self, tree: Any) -> Any:
@@ -225,7 +225,7 @@ def batch_sharded_activations(mesh: Mesh) -> Iterator[None]:
     Left alone, XLA's partitioner may prefer to all-gather the activations and keep each weight
     split (tensor parallelism: per-device activation memory of the whole batch); pinning the
     activations to the batch sharding makes it all-gather one layer's weights instead, which is
-    FSDP. Used by the loss (:func:`gpt2jax.loss.make_token_losses`'s ``prepare``) under FSDP.
+    FSDP. Used by the loss (:func:`gpt2jax.train.loss.make_token_losses`'s ``prepare``) under FSDP.
     """
     batch = NamedSharding(mesh, PartitionSpec(AXIS))
 
@@ -240,7 +240,7 @@ def batch_sharded_activations(mesh: Mesh) -> Iterator[None]:
 
 
 def make_prepare(mesh: Mesh):
-    """The :func:`gpt2jax.loss.make_token_losses` hook under FSDP: activations pinned to the
+    """The :func:`gpt2jax.train.loss.make_token_losses` hook under FSDP: activations pinned to the
     batch sharding (:func:`batch_sharded_activations`), and ``wte`` gathered whole once per step.
 
     ``wte`` is ``(50257, C)``: the vocabulary does not split over 8 devices, so it is sharded

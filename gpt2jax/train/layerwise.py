@@ -17,13 +17,13 @@ relative step size by the parameter's RMS) are per weight matrix, as in Shazeer 
 and in unstacked implementations, instead of per stack of 48 matrices. Clipping to a global
 norm, which needs every gradient, happens here before the loop (``clip``; ``tx`` must not clip).
 
-Freezing (:mod:`gpt2jax.freeze`): ``frozen`` names top-level leaves (``wte``...) that get no
-optimizer state and never change; ``trainable_layers`` ``(L,)`` bool leaves the other layers'
+Freezing (:mod:`gpt2jax.train.memory.freeze`): ``frozen`` names top-level leaves (``wte``...) that
+get no optimizer state and never change; ``trainable_layers`` ``(L,)`` bool leaves the other layers'
 parameters and state untouched (their state is still allocated: the layers share arrays).
 
 Parameters stored in bfloat16 are updated in float32 and stochastically rounded back
-(:func:`gpt2jax.lowp.dithered_round`), so updates smaller than bfloat16's resolution survive on
-average.
+(:func:`gpt2jax.train.memory.precision.dithered_round`), so updates smaller than bfloat16's
+resolution survive on average.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from gpt2jax.lowp import dithered_round
+from gpt2jax.train.memory.precision import dithered_round
 
 STACKED = "h"
 

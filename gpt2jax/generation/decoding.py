@@ -15,7 +15,7 @@ the compiled code (without copying, where the arrays allow it), and :func:`forwa
 the model's own :class:`~gpt2jax.model.Block` once per layer on its own buffers. The KV cache is
 likewise one ``(k, v)`` pair of ``(B, H, S, D)`` buffers per layer, updated in place by the loop.
 Decoding is one ``(B, 1)`` step per token with attention over all ``S`` cache slots (masked),
-so the cache length is a compile-time shape; :mod:`gpt2jax.generation` rounds it up to buckets.
+so the cache length is a compile-time shape; :mod:`gpt2jax.generation.host` rounds it up to buckets.
 
 Sampling randomness is per row: row ``b``'s ``n``-th new token uses ``fold_in(keys[b], n)``,
 so a sample does not depend on the batch it was generated in, its padding or the cache length.
@@ -41,8 +41,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from gpt2jax.config import GPT2Config
+from gpt2jax.generation.sampling import Sampler
 from gpt2jax.model import Block, LayerNorm, lm_head
-from gpt2jax.sampling import Sampler
 
 Array = jax.Array
 LayerCache = tuple[tuple[Array, Array], ...]  # per layer: k, v, each (B, H, S, D)
@@ -290,7 +290,7 @@ def generate_tokens(
         keys: ``(B, 2)`` PRNG keys, one per row (see :func:`row_keys`).
         max_new_tokens: how many tokens to sample; a row also stops at the end of the
             context (``n_ctx`` positions) and after sampling ``stop_token``.
-        sampler: a :class:`~gpt2jax.sampling.Sampler`.
+        sampler: a :class:`~gpt2jax.generation.sampling.Sampler`.
         stop_token: token id that ends a row (included in the output), or -1.
         dtype: compute dtype.
 

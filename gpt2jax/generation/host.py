@@ -8,7 +8,7 @@
 
 Prompts are tokenized, grouped into batches of ``batch_size`` rows (``num_samples`` rows per
 prompt; a short last batch is filled with copies of one of its rows), left-padded to a common
-length and run through :mod:`gpt2jax.decoding`: one prefill pass, then a compiled
+length and run through :mod:`gpt2jax.generation.decoding`: one prefill pass, then a compiled
 ``while_loop`` that stops as soon as every row is done. Each row's result is what generating
 it alone would give, and sample ``(prompt i, sample j)`` draws the same random numbers
 whatever its batch, so the same seed gives the same text (up to float rounding differences
@@ -39,11 +39,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gpt2jax import decoding
 from gpt2jax.errors import Gpt2JaxError
+from gpt2jax.generation import decoding
+from gpt2jax.generation.sampling import Sampler
 from gpt2jax.loader import Pretrained
 from gpt2jax.progress import progress_bar
-from gpt2jax.sampling import Sampler
 
 #: Tokens per compiled call when streaming or checking stop strings.
 STREAM_CHUNK = 8

@@ -7,8 +7,8 @@ gradient of their mean loss, so accumulation changes memory, not the maths). The
 token cross-entropy, computed in float32 from float32 logits even when the model computes in
 bfloat16 (Hugging Face's ``GPT2LMHeadModel`` loss; the tests compare loss and every gradient with
 ``torch.autograd``). Memory options (remat, chunked loss, LoRA, freezing, FSDP) enter through
-``loss_fn`` and the optimizer (:mod:`gpt2jax.recipe`); none changes these maths. Dropout, when
-the model has any, draws from
+``loss_fn`` and the optimizer (:mod:`gpt2jax.train.memory.build`); none changes these maths.
+Dropout, when the model has any, draws from
 ``fold_in(fold_in(fold_in(key, step), device), micro_batch)``, so it too is a pure function of
 the state and the step.
 
@@ -39,12 +39,12 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from gpt2jax.accumulate import Accumulate
 from gpt2jax.errors import ConfigError
-from gpt2jax.layerwise import LayerwiseState, apply_optimizer
-from gpt2jax.loss import LossFn, make_token_losses
 from gpt2jax.model import GPT2
 from gpt2jax.progress import progress_bar
+from gpt2jax.train.layerwise import LayerwiseState, apply_optimizer
+from gpt2jax.train.loss import LossFn, make_token_losses
+from gpt2jax.train.memory.accumulate import Accumulate
 
 AXIS = "data"
 # Dropout masks come from XLA's RngBitGenerator ("rbg"): deterministic on a given backend, and
@@ -101,10 +101,10 @@ def make_train_step(
     Args:
         model: the module; dropout is on when ``model.config.dropout > 0``.
         tx: the optimizer (clipping included): an optax transformation, or a
-            :class:`gpt2jax.layerwise.Layerwise` that updates the parameters in place, one
-            layer at a time (what ``finetune`` uses, :mod:`gpt2jax.recipe`).
+            :class:`gpt2jax.train.layerwise.Layerwise` that updates the parameters in place, one
+            layer at a time (what ``finetune`` uses, :mod:`gpt2jax.train.memory.build`).
         loss_fn: the per-token loss ``loss_fn(params, windows, rng, frozen)``
-            (:func:`gpt2jax.loss.make_token_losses`; default: the plain loss of ``model``); it
+            (:func:`gpt2jax.train.loss.make_token_losses`; default: the plain loss of ``model``); it
             is differentiated with respect to ``state.params`` only, ``state.frozen`` (LoRA's
             base model) is a constant.
         schedule: the learning rate schedule inside ``tx``; ``metrics["lr"]`` reports the rate
@@ -114,9 +114,9 @@ def make_train_step(
             and the caller is expected to stop on ``metrics["finite"] == False``.
         axis_name: the pmapped axis to average gradients and metrics over (None: one device).
         accumulate: with more than one micro-batch, accumulate the gradient in one buffer
-            layer by layer (:func:`gpt2jax.accumulate.make_accumulate`, full-model training
-            only: it differentiates ``state.params`` as the model's own tree) instead of adding
-            each micro-batch's whole gradient to a running sum.
+            layer by layer (:func:`gpt2jax.train.memory.accumulate.make_accumulate`, full-model
+            training only: it differentiates ``state.params`` as the model's own tree) instead of
+            adding each micro-batch's whole gradient to a running sum.
 
     Returns ``train_step(state, batch (A, b, T + 1) int32) -> (state, metrics)`` with metrics
     ``loss`` (mean over the global batch), ``grad_norm`` (before clipping), ``finite`` and, given
@@ -200,7 +200,7 @@ def make_eval_step(
 
     Sums (over the devices too) of the weighted token losses and of the weights, so that any
     number of batches combine into one exact mean. With a run's ``loss_fn``
-    (:mod:`gpt2jax.recipe`), ``params`` is the pair ``(state.params, state.frozen)``.
+    (:mod:`gpt2jax.train.memory.build`), ``params`` is the pair ``(state.params, state.frozen)``.
     """
 
     def eval_step(params: Any, windows: jax.Array, weights: jax.Array) -> Metrics:

@@ -1,7 +1,8 @@
-"""``gpt2jax generate``: flags and command, registered by :mod:`gpt2jax.cli`.
+"""``gpt2jax generate``: flags and command, registered by :mod:`gpt2jax.cli.main`.
 
 A single sample streams to the terminal as it is generated; several are printed one after the
-other, or written to ``--out`` as JSON lines (one :class:`~gpt2jax.generation.Generation` each).
+other, or written to ``--out`` as JSON lines (one :class:`~gpt2jax.generation.host.Generation`
+each).
 """
 
 from __future__ import annotations
@@ -92,9 +93,9 @@ def read_prompts(path: str) -> list[str]:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from gpt2jax.checkpoint import DTYPES
-    from gpt2jax.generation import generate
+    from gpt2jax.generation.host import generate
     from gpt2jax.loader import load
+    from gpt2jax.store.model_dir import DTYPES
 
     prompts = read_prompts(args.prompt_file) if args.prompt_file else args.prompt
     n_prompts = 1 if prompts is None or isinstance(prompts, str) else len(prompts)

@@ -1,7 +1,8 @@
 """Optimizers and learning-rate schedules for fine-tuning (optax).
 
 * ``adamw`` (default): Adam's moments, then decoupled weight decay, then the learning rate,
-  which is ``torch.optim.AdamW``; Adam from :func:`gpt2jax.lowp.scale_by_adam_lowp` so that
+  which is ``torch.optim.AdamW``; Adam from
+  :func:`gpt2jax.train.memory.precision.scale_by_adam_lowp` so that
   ``state_dtype`` (``--opt-state-dtype``) can keep the moments in bfloat16. Defaults are
   torch's: betas (0.9, 0.999), eps 1e-8, weight decay 0.01.
 * ``adafactor``: :func:`scale_by_adafactor`, ``transformers.optimization.Adafactor`` with an
@@ -9,7 +10,7 @@
   moments of every >= 2-D parameter, update clipping 1.0, the step scaled by the parameter's RMS
   (``scale_parameter=True``), no first moment. Its state stays float32.
 * ``sgd``: heavy-ball momentum 0.9 (its trace in ``state_dtype``,
-  :func:`gpt2jax.lowp.scale_by_momentum_lowp`), ``torch.optim.SGD(momentum=0.9,
+  :func:`gpt2jax.train.memory.precision.scale_by_momentum_lowp`), ``torch.optim.SGD(momentum=0.9,
   weight_decay=wd)``: weight decay is added to the gradient first (coupled, as torch does).
 
 Weight decay is multiplied by the learning rate in every optimizer, so a small ``--lr`` keeps the
@@ -24,7 +25,7 @@ position embeddings, as minGPT's ``configure_optimizers`` decides (``wte`` is al
 and decaying it pulls rare tokens' embeddings towards zero).
 
 Every optimizer is preceded by clipping the gradient to a global L2 norm (``--clip``, 0 = off).
-The tests check all three, through :class:`gpt2jax.layerwise.Layerwise`, against torch and
+The tests check all three, through :class:`gpt2jax.train.layerwise.Layerwise`, against torch and
 transformers over several steps.
 
 Schedules (``schedule(step)`` is the rate of the update that makes step ``step + 1``): a linear
@@ -43,7 +44,7 @@ import jax.numpy as jnp
 import optax
 
 from gpt2jax.errors import ConfigError
-from gpt2jax.lowp import scale_by_adam_lowp, scale_by_momentum_lowp
+from gpt2jax.train.memory.precision import scale_by_adam_lowp, scale_by_momentum_lowp
 
 OPTIMIZERS = ("adamw", "adafactor", "sgd")
 SCHEDULES = ("constant", "cosine", "linear")
@@ -108,7 +109,7 @@ def scale_by_adafactor(
 
     ``mask`` (a callable on the parameters, or a tree of bools) picks the decayed leaves. Every
     statistic is per leaf, so a leaf is one tensor as transformers would see it: under
-    :class:`gpt2jax.layerwise.Layerwise` one layer's matrix.
+    :class:`gpt2jax.train.layerwise.Layerwise` one layer's matrix.
     """
     eps1, eps2 = eps
 

@@ -1,15 +1,15 @@
 """The fine-tuning loop behind ``gpt2jax finetune``: ``finetune(out, TrainConfig(...))``.
 
-One run: tokenize the data once (:mod:`gpt2jax.data`), build the model, optimizer and loss from
-the run's memory settings (:mod:`gpt2jax.recipe`: remat, dtypes, optimizer state, chunked loss,
-LoRA, freezing), compile the step, pmapped (:mod:`gpt2jax.train`) or sharded with
-``--parallel fsdp`` (:mod:`gpt2jax.sharding`), then loop. The loop
+One run: tokenize the data once (:mod:`gpt2jax.train.data`), build the model, optimizer and loss
+from the run's memory settings (:mod:`gpt2jax.train.memory.build`: remat, dtypes, optimizer state,
+chunked loss, LoRA, freezing), compile the step, pmapped (:mod:`gpt2jax.train.step`) or sharded with
+``--parallel fsdp`` (:mod:`gpt2jax.train.sharding`), then loop. The loop
 never waits for the device just to log: it dispatches step ``k`` and then reads step ``k - 1``'s
 metrics, which are ready by then, so the device always has the next step queued; batches are
-prepared on a background thread (:class:`gpt2jax.batches.Prefetcher`).
+prepared on a background thread (:class:`gpt2jax.train.batches.Prefetcher`).
 
 Every ``save_every`` steps, at the end, and on Ctrl-C / SIGTERM, the params, optimizer state,
-step, data position and RNG are checkpointed (asynchronously; :mod:`gpt2jax.runs`); a LoRA run
+step, data position and RNG are checkpointed (asynchronously; :mod:`gpt2jax.store.runs`); a LoRA run
 checkpoints its adapters, and loads as the base model with them merged in. Because the
 batches and the dropout keys are pure functions of ``(seed, step)``, ``finetune(out,
 resume=True)`` continues exactly: N steps straight give bitwise the parameters of N/2 steps,
@@ -39,21 +39,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gpt2jax import runs
-from gpt2jax.batches import Prefetcher, WindowSampler, eval_windows, spread
 from gpt2jax.config import GPT2Config, get_preset
-from gpt2jax.data import check_vocab, load_tokens, split_tail
 from gpt2jax.errors import ConfigError, DataError, Gpt2JaxError
-from gpt2jax.hub import resolve_model
 from gpt2jax.loader import Pretrained, describe, load
-from gpt2jax.metrics import MetricsLog, plot_losses
 from gpt2jax.model import init_params
-from gpt2jax.optim import learning_rate_schedule
 from gpt2jax.progress import progress_bar
-from gpt2jax.recipe import MemorySettings, build
-from gpt2jax.runs import TrainConfig
+from gpt2jax.store import runs
+from gpt2jax.store.runs import TrainConfig
+from gpt2jax.store.sizes import resolve_model
 from gpt2jax.tokenizer import Tokenizer
-from gpt2jax.train import (
+from gpt2jax.train.batches import Prefetcher, WindowSampler, eval_windows, spread
+from gpt2jax.train.data import check_vocab, load_tokens, split_tail
+from gpt2jax.train.memory.build import MemorySettings, build
+from gpt2jax.train.metrics import MetricsLog, plot_losses
+from gpt2jax.train.optim import learning_rate_schedule
+from gpt2jax.train.step import (
     AXIS,
     DataParallel,
     TrainState,
@@ -113,8 +113,8 @@ def finetune(
         resume: continue the run in ``out`` from its latest checkpoint with its recorded settings.
         overrides: for ``resume``, new values of :attr:`TrainConfig.RESUMABLE` fields (e.g. more
             ``steps``).
-        cache_dir: where tokenized data is cached (default :func:`gpt2jax.data.default_cache_dir`).
-        show_progress: progress bars on stderr.
+        cache_dir: where tokenized data is cached (default
+        :func:`gpt2jax.train.data.default_cache_dir`). show_progress: progress bars on stderr.
     """
     initialize_distributed()
     return_freed_memory()
@@ -233,7 +233,7 @@ class _Run:
     ) -> None:
         self.out, self.config, self.train, self.tokenizer = out, config, train, tokenizer
         if train.parallel == "fsdp":
-            from gpt2jax.sharding import FSDP
+            from gpt2jax.train.sharding import FSDP
 
             self.dp = FSDP()
         else:
@@ -284,7 +284,8 @@ class _Run:
         )  # fmt: skip
 
     def _setup_model(self) -> None:
-        """Model, optimizer and loss from the run's memory settings (:mod:`gpt2jax.recipe`)."""
+        """Model, optimizer and loss from the run's memory settings
+        (:mod:`gpt2jax.train.memory.build`)."""
         t, config = self.train, self.config
         horizon = t.schedule_steps or t.steps
         if t.steps > horizon and t.schedule != "constant":
@@ -297,7 +298,7 @@ class _Run:
         settings = MemorySettings.of(t)
         extra = None
         if settings.parallel == "fsdp":
-            from gpt2jax.sharding import make_prepare
+            from gpt2jax.train.sharding import make_prepare
 
             extra = make_prepare(self.dp.mesh)
 
@@ -516,7 +517,7 @@ class _Run:
         )
 
     def _sample(self, step: int) -> None:
-        from gpt2jax.generation import generate
+        from gpt2jax.generation.host import generate
 
         t = self.train
         # The state's own arrays (read only; sampling ends before the next step donates them).

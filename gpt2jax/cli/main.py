@@ -14,9 +14,9 @@ import os
 import sys
 from collections.abc import Callable
 
-from gpt2jax.cli_generate import add_generate
-from gpt2jax.cli_plan import add_plan
-from gpt2jax.cli_train import add_eval, add_finetune
+from gpt2jax.cli.generate import add_generate
+from gpt2jax.cli.plan import add_plan
+from gpt2jax.cli.train import add_eval, add_finetune
 from gpt2jax.errors import Gpt2JaxError
 
 DTYPE_CHOICES = ("float32", "bfloat16", "float16")
@@ -42,8 +42,8 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
 def _cmd_convert(args: argparse.Namespace) -> int:
     import time
 
-    from gpt2jax.checkpoint import DTYPES
     from gpt2jax.loader import describe
+    from gpt2jax.store.model_dir import DTYPES
 
     src = describe(args.src)  # a size name ("124M") means the download cache
     args.src = src.path
@@ -243,8 +243,8 @@ def _add_download(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_download(args: argparse.Namespace) -> int:
-    from gpt2jax.download import download
-    from gpt2jax.hub import convert_downloaded
+    from gpt2jax.store.download import download
+    from gpt2jax.store.sizes import convert_downloaded
 
     for directory in download(args.sizes, dest=args.dir, base_url=args.base_url):
         print(directory)

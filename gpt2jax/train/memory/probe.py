@@ -1,9 +1,10 @@
-"""Measuring what a training step really uses, to check :mod:`gpt2jax.plan`'s predictions.
+"""Measuring what a training step really uses, to check :mod:`gpt2jax.train.memory.planner`'s
+predictions.
 
-:func:`probe` runs in a fresh process (``python -m gpt2jax.memory_probe SPEC``; :func:`run_probe`
-starts one): it compiles the step of a configuration (the prediction comes from this compiled
-step), records the process's resident memory, creates the train state straight on the device
-(random weights from a jitted init: no host copies), resets the kernel's high-water mark
+:func:`probe` runs in a fresh process (``python -m gpt2jax.train.memory.probe SPEC``;
+:func:`run_probe` starts one): it compiles the step of a configuration (the prediction comes from
+this compiled step), records the process's resident memory, creates the train state straight on the
+device (random weights from a jitted init: no host copies), resets the kernel's high-water mark
 (``/proc/self/clear_refs``), runs one real step, and reads the high-water mark back
 (``VmHWM``). The measured figure is that peak minus the resident memory before the state
 existed: the step's arguments, outputs and temporaries, as predicted. Linux only. On a GPU or
@@ -40,9 +41,9 @@ def probe(spec: dict[str, Any]) -> dict[str, Any]:
 
     from gpt2jax.config import GPT2Config, get_preset
     from gpt2jax.model import init_params
-    from gpt2jax.plan import Candidate, Planner, memory_details, peak_bytes
-    from gpt2jax.recipe import MemorySettings, build
-    from gpt2jax.train import TrainState
+    from gpt2jax.train.memory.build import MemorySettings, build
+    from gpt2jax.train.memory.planner import Candidate, Planner, memory_details, peak_bytes
+    from gpt2jax.train.step import TrainState
 
     config = spec["config"]
     config = get_preset(config) if isinstance(config, str) else GPT2Config.from_dict(config)
@@ -110,7 +111,7 @@ def run_probe(
     """:func:`probe` of a configuration in a fresh subprocess (one device), its result.
 
     ``config`` is a preset name or a :class:`~gpt2jax.config.GPT2Config`; ``settings`` a
-    :class:`~gpt2jax.recipe.MemorySettings`.
+    :class:`~gpt2jax.train.memory.build.MemorySettings`.
     """
     spec = {
         "config": config if isinstance(config, str) else config.to_dict(),
@@ -121,7 +122,7 @@ def run_probe(
     }
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one device
     proc = subprocess.run(
-        [sys.executable, "-m", "gpt2jax.memory_probe", json.dumps(spec)],
+        [sys.executable, "-m", "gpt2jax.train.memory.probe", json.dumps(spec)],
         capture_output=True, text=True, timeout=timeout, env=env,
     )  # fmt: skip
     if proc.returncode != 0:

@@ -97,8 +97,8 @@ def make_token_losses(
         prepare: turns the trained ``params`` and the ``frozen`` ones into the model's parameter
             tree and a context manager to run the model in: LoRA inserts its adapters into the
             frozen base and intercepts the projections (:func:`gpt2jax.lora.make_prepare`),
-            freezing stops gradients (:func:`gpt2jax.freeze.make_prepare`). Default: ``params``
-            is the tree.
+            freezing stops gradients (:func:`gpt2jax.train.memory.freeze.make_prepare`). Default:
+            ``params`` is the tree.
 
     ``windows`` are ``(B, T + 1)`` token ids: the first ``T`` are the inputs, the last ``T`` the
     targets. ``rng`` (a key, or None) turns dropout on. Logits and the softmax are float32

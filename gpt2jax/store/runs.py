@@ -34,9 +34,9 @@ import tempfile
 import time
 from typing import Any
 
-from gpt2jax.checkpoint import TOKENIZER_FILES
 from gpt2jax.config import GPT2Config, read_json
 from gpt2jax.errors import CheckpointError, ConfigError, Gpt2JaxError
+from gpt2jax.store.model_dir import TOKENIZER_FILES
 from gpt2jax.version import __version__
 
 FORMAT = "gpt2jax-run"
@@ -97,7 +97,8 @@ class TrainConfig:
     save_every: int = 500
     keep: int = 3
     skip_nonfinite: bool = False
-    # Memory (gpt2jax.recipe.MemorySettings; `--memory` chooses some of them, see gpt2jax.plan)
+    # Memory (gpt2jax.train.memory.build.MemorySettings; `--memory` chooses some of them, see
+    # gpt2jax.train.memory.planner)
     remat: str = "none"
     param_dtype: str = "float32"
     opt_state_dtype: str = "float32"
@@ -145,7 +146,7 @@ class TrainConfig:
             raise ConfigError(f"--seq-len must be >= 1, got {self.seq_len}")
         if self.schedule_steps is not None and self.schedule_steps <= 0:
             raise ConfigError(f"--schedule-steps must be > 0, got {self.schedule_steps}")
-        from gpt2jax.recipe import MemorySettings
+        from gpt2jax.train.memory.build import MemorySettings
 
         MemorySettings.of(self).validate()
         if self.compute_dtype not in ("float32", "bfloat16"):
@@ -300,8 +301,9 @@ class Checkpoints:
             todelete_subdir=TRASH,
         )
         # About one array in flight at a time: TensorStore copies what it writes, so a save
-        # then costs the largest leaf, not a second copy of the whole state (gpt2jax.plan
-        # counts it). orbax refuses an array larger than its limit, which is in whole GB.
+        # then costs the largest leaf, not a second copy of the whole state
+        # (gpt2jax.train.memory.planner counts it). orbax refuses an array larger than its limit,
+        # which is in whole GB.
         limit = save_concurrent_gb(largest_leaf)
         arrays = lambda: ocp.StandardCheckpointHandler(  # noqa: E731
             save_concurrent_gb=limit, restore_concurrent_gb=limit

@@ -2,7 +2,7 @@
 
 :func:`resolve_model` turns a name into a directory: an existing path is used as it is; one of
 OpenAI's sizes (:data:`gpt2jax.config.PRESETS`) means the download cache, ``<models_root>/<size>``
-(see :func:`gpt2jax.download.models_root`), downloaded first if it is not complete there. The
+(see :func:`gpt2jax.store.download.models_root`), downloaded first if it is not complete there. The
 OpenAI directory is read directly (``gpt2jax.load`` converts it in memory); ``gpt2jax download
 --convert`` also writes a gpt2jax model directory ``<size>-gpt2jax`` beside it, which is then
 preferred because it loads without conversion.
@@ -14,8 +14,8 @@ import os
 import sys
 
 from gpt2jax.config import PRESETS
-from gpt2jax.download import download, is_complete, models_root
 from gpt2jax.errors import CheckpointError
+from gpt2jax.store.download import download, is_complete, models_root
 
 CONVERTED_SUFFIX = "-gpt2jax"
 

@@ -1,7 +1,8 @@
 """``gpt2jax plan`` and ``finetune --memory``: the fastest settings whose training step fits.
 
-**Prediction.** For a candidate configuration the real training step (:mod:`gpt2jax.recipe`,
-:func:`gpt2jax.train.make_train_step`) is lowered and compiled on abstract inputs
+**Prediction.** For a candidate configuration the real training step
+(:mod:`gpt2jax.train.memory.build`,
+:func:`gpt2jax.train.step.make_train_step`) is lowered and compiled on abstract inputs
 (``jax.ShapeDtypeStruct`` for the train state and the batch: nothing is allocated) and XLA's
 buffer assignment is read back with ``compiled.memory_analysis()``. It reports the bytes of the
 arguments (train state and batch), the outputs (new state, metrics), the temporaries (every
@@ -45,8 +46,8 @@ import optax
 
 from gpt2jax.config import GPT2Config
 from gpt2jax.errors import ConfigError
-from gpt2jax.recipe import MemorySettings, build
-from gpt2jax.runs import save_concurrent_gb
+from gpt2jax.store.runs import save_concurrent_gb
+from gpt2jax.train.memory.build import MemorySettings, build
 
 GiB = 2**30
 LOSS_CHUNK = 128  # positions per chunk when the planner chunks the loss
@@ -239,8 +240,9 @@ def _needs_at_least(a: Candidate, b: Candidate) -> bool:
 class Planner:
     """Compiles candidates of one model and sequence length and predicts their peaks.
 
-    ``fsdp``: an :class:`gpt2jax.sharding.FSDP` to predict per-device peaks of the sharded step
-    (``settings.parallel == "fsdp"``); otherwise one device's share of a data-parallel step over
+    ``fsdp``: an :class:`gpt2jax.train.sharding.FSDP` to predict per-device peaks of the sharded
+    step (``settings.parallel == "fsdp"``); otherwise one device's share of a data-parallel step
+    over
     ``n_devices`` devices.
     """
 
@@ -274,8 +276,8 @@ class Planner:
 
     def _step(self, c: Candidate) -> tuple[Callable, Any, Any]:
         """``(jitted step, abstract state, abstract batch)`` of a candidate."""
-        from gpt2jax.sharding import make_prepare
-        from gpt2jax.train import TrainState, make_train_step
+        from gpt2jax.train.sharding import make_prepare
+        from gpt2jax.train.step import TrainState, make_train_step
 
         extra = make_prepare(self.fsdp.mesh) if self.fsdp is not None else None
         schedule = optax.constant_schedule(1e-4)
@@ -328,7 +330,7 @@ class Planner:
         the largest of what is alive at once during a step (compiled), an evaluation (the train
         state plus the compiled evaluation's temporaries) and a sample (the train state plus the
         decoding cache and logits). Start-up and checkpoints add no copy of the state
-        (:mod:`gpt2jax.finetune`)."""
+        (:mod:`gpt2jax.train.loop`)."""
         step, details = self.predict(c)
         _, state, _ = self._step(c)
         state_bytes = _bytes(state, self.fsdp)
@@ -354,7 +356,7 @@ class Planner:
     def eval_temporaries(self, c: Candidate) -> int:
         """Temporaries of the compiled evaluation step (the run evaluates ``micro_batch`` windows
         per call, spread over the devices)."""
-        from gpt2jax.train import make_eval_step
+        from gpt2jax.train.step import make_eval_step
 
         s = c.settings
         key = (c.micro_batch, s.loss_chunk, s.compute_dtype, s.param_dtype, s.lora_rank)
@@ -378,7 +380,7 @@ class Planner:
         """What sampling adds to the state (an estimate from shapes, prompts up to 64 tokens):
         the float32 KV cache, the prompt's logits, and on accelerators one layer's weights
         sliced at a time (on the CPU the sampler reads the state's own buffers)."""
-        from gpt2jax.generation import cache_bucket, prompt_bucket
+        from gpt2jax.generation.host import cache_bucket, prompt_bucket
 
         cfg = self.config
         prompt = prompt_bucket(64, cfg.n_ctx)
@@ -409,8 +411,9 @@ def runtime_bytes() -> int:
 
 
 def in_place_accumulation(s: MemorySettings) -> bool:
-    """Whether micro-batch gradients go into one buffer layer by layer (:mod:`gpt2jax.recipe`
-    decides the same way: full-model training with block remat, data parallel)."""
+    """Whether micro-batch gradients go into one buffer layer by layer
+    (:mod:`gpt2jax.train.memory.build` decides the same way: full-model training with block remat,
+    data parallel)."""
     return s.remat == "block" and not s.lora_rank and s.freeze is None and s.parallel == "data"
 
 

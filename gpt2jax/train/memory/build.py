@@ -2,23 +2,24 @@
 
 ``gpt2jax finetune`` and ``gpt2jax plan`` both build their training step here, so what the
 planner compiles and measures is exactly what the run executes. The settings
-(:class:`MemorySettings`, also fields of :class:`gpt2jax.runs.TrainConfig`):
+(:class:`MemorySettings`, also fields of :class:`gpt2jax.store.runs.TrainConfig`):
 
 ==================  =========================================================================
 ``remat``           ``none`` / ``dots`` / ``block`` (:class:`gpt2jax.model.GPT2`)
 ``compute_dtype``   what matmuls run in; LayerNorm statistics, softmax, logits and the loss
                     stay float32
 ``param_dtype``     what the parameters are stored in (bfloat16: stochastic rounding of every
-                    update, :mod:`gpt2jax.layerwise`; with LoRA, the frozen base's dtype)
-``optimizer``       ``adamw`` / ``adafactor`` / ``sgd`` (:mod:`gpt2jax.optim`)
-``opt_state_dtype`` AdamW's moments / SGD's momentum in float32 or bfloat16 (:mod:`gpt2jax.lowp`)
-``loss_chunk``      0, or sequence positions per chunk of the loss (:mod:`gpt2jax.loss`)
+                    update, :mod:`gpt2jax.train.layerwise`; with LoRA, the frozen base's dtype)
+``optimizer``       ``adamw`` / ``adafactor`` / ``sgd`` (:mod:`gpt2jax.train.optim`)
+``opt_state_dtype`` AdamW's moments / SGD's momentum in float32 or bfloat16
+(:mod:`gpt2jax.train.memory.precision`)
+``loss_chunk``      0, or sequence positions per chunk of the loss (:mod:`gpt2jax.train.loss`)
 ``lora_rank``       0, or train rank-r adapters only (:mod:`gpt2jax.lora`), ``lora_alpha``
-``freeze``          None, ``embeddings`` or ``top:N`` (:mod:`gpt2jax.freeze`)
-``parallel``        ``data`` (pmap, replicated state) or ``fsdp`` (:mod:`gpt2jax.sharding`)
+``freeze``          None, ``embeddings`` or ``top:N`` (:mod:`gpt2jax.train.memory.freeze`)
+``parallel``        ``data`` (pmap, replicated state) or ``fsdp`` (:mod:`gpt2jax.train.sharding`)
 ==================  =========================================================================
 
-The optimizer always runs layer by layer in place (:class:`gpt2jax.layerwise.Layerwise`), with
+The optimizer always runs layer by layer in place (:class:`gpt2jax.train.layerwise.Layerwise`), with
 global-norm clipping before it. What the train state holds: ``params`` are the trained numbers
 (the whole model, or the LoRA adapters), ``frozen`` the rest of the model that the loss reads
 but never differentiates (LoRA's base model; None otherwise).
@@ -33,15 +34,15 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gpt2jax import freeze as freezing
 from gpt2jax import lora
-from gpt2jax.accumulate import Accumulate, make_accumulate
 from gpt2jax.config import GPT2Config
 from gpt2jax.errors import ConfigError
-from gpt2jax.layerwise import Layerwise
-from gpt2jax.loss import LossFn, chain, make_token_losses
 from gpt2jax.model import GPT2, REMAT_POLICIES, param_shapes
-from gpt2jax.optim import make_optimizer
+from gpt2jax.train.layerwise import Layerwise
+from gpt2jax.train.loss import LossFn, chain, make_token_losses
+from gpt2jax.train.memory import freeze as freezing
+from gpt2jax.train.memory.accumulate import Accumulate, make_accumulate
+from gpt2jax.train.optim import make_optimizer
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 PARALLEL = ("data", "fsdp")
@@ -106,8 +107,8 @@ class Recipe:
     loss_fn: LossFn
     settings: MemorySettings
     lora_scale: float | None
-    #: in-place gradient accumulation (:mod:`gpt2jax.accumulate`) for full-model training with
-    #: block remat; None: micro-batch gradients are summed whole
+    #: in-place gradient accumulation (:mod:`gpt2jax.train.memory.accumulate`) for full-model
+    #: training with block remat; None: micro-batch gradients are summed whole
     accumulate: Accumulate | None = None
 
     def split(self, params: Any, seed: int) -> tuple[Any, Any]:
@@ -146,8 +147,8 @@ def build(
 ) -> Recipe:
     """The model, layer-by-layer optimizer and loss of ``settings``.
 
-    ``extra_prepare`` is one more :func:`gpt2jax.loss.make_token_losses` hook run after LoRA's
-    or freezing's (FSDP's, :func:`gpt2jax.sharding.make_prepare`).
+    ``extra_prepare`` is one more :func:`gpt2jax.train.loss.make_token_losses` hook run after LoRA's
+    or freezing's (FSDP's, :func:`gpt2jax.train.sharding.make_prepare`).
     """
     settings.validate()
     model = GPT2(

@@ -12,8 +12,8 @@ at a time. The maths is the plain loss's gradient (the tests compare it with ``j
 dropout, when on, draws its masks per layer from ``fold_in(key, layer)`` rather than from the
 layer scan's split keys (same distribution, different draws).
 
-Used by :func:`gpt2jax.train.make_train_step` for full-model training with block remat and
-more than one micro-batch (:mod:`gpt2jax.recipe` decides).
+Used by :func:`gpt2jax.train.step.make_train_step` for full-model training with block remat and
+more than one micro-batch (:mod:`gpt2jax.train.memory.build` decides).
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gpt2jax.loss import chunked_token_losses
 from gpt2jax.model import GPT2, Block, LayerNorm, causal_mask, embed, lm_head
+from gpt2jax.train.loss import chunked_token_losses
 
 #: ``accumulate(params, acc, windows (b, T + 1), weight, rng) -> (weighted loss, acc + weight *
 #: d loss / d params)`` where the loss is the mean token cross-entropy of ``windows``.

@@ -26,8 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from gpt2jax.config import GPT2Config, read_json
-from gpt2jax.convert.outdir import atomic_dir
 from gpt2jax.errors import CheckpointError, Gpt2JaxError
+from gpt2jax.store.atomic import atomic_dir
 
 FORMAT = "gpt2jax"
 FORMAT_VERSION = 1

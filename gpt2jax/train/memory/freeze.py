@@ -9,7 +9,7 @@
   lower blocks' gradients are zero rather than absent, and their optimizer state is allocated
   but never changes; for memory, LoRA (:mod:`gpt2jax.lora`) is the tool.
 
-:func:`make_prepare` stops the gradients inside the loss; :class:`gpt2jax.layerwise.Layerwise`
+:func:`make_prepare` stops the gradients inside the loss; :class:`gpt2jax.train.layerwise.Layerwise`
 (``frozen=``, ``trainable_layers=``) keeps frozen parameters and their state unchanged, weight
 decay included.
 """
@@ -74,7 +74,8 @@ def stop_frozen(params: Any, freeze: Freeze) -> dict:
 
 
 def make_prepare(freeze: Freeze):
-    """The :func:`gpt2jax.loss.make_token_losses` hook for a frozen part (no ``frozen`` tree)."""
+    """The :func:`gpt2jax.train.loss.make_token_losses` hook for a frozen part (no ``frozen``
+    tree)."""
 
     def prepare(params: Any, frozen: Any) -> tuple[Any, contextlib.AbstractContextManager]:
         return stop_frozen(params, freeze), contextlib.nullcontext()

@@ -1,0 +1,1 @@
+"""What lives on disk: model directories, training runs, downloads, size names, atomic writes."""

@@ -42,7 +42,6 @@ import sys
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
-import ml_dtypes
 import numpy as np
 
 from gpt2jax.config import EOT_TOKEN, GPT2Config, read_json
@@ -54,6 +53,7 @@ from gpt2jax.convert.hf_tokenizer import (
     tokenizer_config,
     write_default_tokenizer_files,
 )
+from gpt2jax.dtypes import DTYPES, STORAGE
 from gpt2jax.errors import CheckpointError, ConfigError, Gpt2JaxError
 from gpt2jax.formats.safetensors_io import SafetensorsFile, write_file
 from gpt2jax.progress import progress_bar
@@ -63,7 +63,6 @@ PREFIX = "transformer."
 LM_HEAD = "lm_head.weight"
 WEIGHTS = {"safetensors": "model.safetensors", "bin": "pytorch_model.bin"}
 INDEX_SUFFIX = ".index.json"
-EXPORT_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 
 
@@ -98,11 +97,11 @@ def export_hf(
         on_rounding: called with each tensor's largest ``|stored - given|`` (what casting to
             ``dtype`` changed), measured on the tensor as it is cast, so without a second pass.
     """
-    if dtype not in EXPORT_DTYPES:
-        raise Gpt2JaxError(f"export dtype {dtype!r} is not one of {', '.join(EXPORT_DTYPES)}")
+    if dtype not in STORAGE:
+        raise Gpt2JaxError(f"export dtype {dtype!r} is not one of {', '.join(STORAGE)}")
     if fmt not in WEIGHTS:
         raise Gpt2JaxError(f"export format {fmt!r} is not one of {', '.join(WEIGHTS)}")
-    np_dtype = np.dtype(EXPORT_DTYPES[dtype])
+    np_dtype = DTYPES[dtype]
     limit = parse_size(max_shard_size)
     specs = [(PREFIX + n, np_dtype, s) for n, s in mapping.their_shapes(config, "hf").items()]
     shards = plan_shards(specs, limit)

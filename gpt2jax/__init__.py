@@ -23,10 +23,10 @@ from gpt2jax.generation.host import Generation, generate
 from gpt2jax.loader import Pretrained, load
 from gpt2jax.model import GPT2, GPT2Output, KVCache, init_params, param_shapes
 from gpt2jax.store.model_dir import save_model_dir
-from gpt2jax.store.runs import TrainConfig
 from gpt2jax.store.sizes import resolve_model
 from gpt2jax.tokenizer import Tokenizer
 from gpt2jax.train.loop import FinetuneResult, NonFiniteLossError
+from gpt2jax.train.settings import TrainConfig
 from gpt2jax.version import __version__ as __version__
 
 __all__ = [

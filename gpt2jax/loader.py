@@ -27,9 +27,9 @@ from gpt2jax.errors import Gpt2JaxError
 from gpt2jax.model import GPT2, init_params
 from gpt2jax.store import runs
 from gpt2jax.store.model_dir import detect, read_meta, restore_params
-from gpt2jax.store.runs import TrainConfig
 from gpt2jax.store.sizes import resolve_model
 from gpt2jax.tokenizer import Tokenizer
+from gpt2jax.train.settings import TrainConfig
 
 #: Tokenizer file pairs a model directory may hold, in the order they are looked for.
 TOKENIZER_PAIRS = (("encoder.json", "vocab.bpe"), ("vocab.json", "merges.txt"))
@@ -173,7 +173,9 @@ def load(
         config, train = src.config, src.train
         # a training run loads as its newest checkpoint (this raises when there is none)
         step = src.step if src.step is not None else runs.latest_step(path)
-        if train.lora_rank:  # its checkpoints hold adapters: merged into the starting model
+        if (
+            train.memory_settings.lora_rank
+        ):  # its checkpoints hold adapters: merged into the starting model
             params = restore_lora_run(path, config, train, step, dtype=dtype)
         else:
             params = runs.restore_params(path, config, step, dtype=dtype)
@@ -195,16 +197,20 @@ def restore_lora_run(
     path: str, config: GPT2Config, train: TrainConfig, step: int, dtype: Any = None
 ) -> dict:
     """The model checkpoint ``step`` of a LoRA run stands for: its adapters (what the run saves)
-    merged into the base model the run started from (``train.model``, or ``train.init``'s
-    random weights, which the seed determines).
+    merged into the base model the run started from (``train.source.model``, or
+    ``train.source.init``'s random weights, which the seed determines).
 
     The model is float32 unless ``dtype`` asks for another: the adapters' deltas need float32
     to survive (:func:`gpt2jax.lora.merge_lora`), whatever dtype the base was trained in."""
     adapters = runs.restore_adapters(path, config, train, step)
-    if train.init is not None:
-        base = init_params(config, train.seed)
+    if train.source.init is not None:
+        base = init_params(config, train.run.seed)
     else:
-        base = load(train.model).params
-    base = jax.tree.map(lambda x: jnp.asarray(x, train.param_dtype), base)
-    merged = lora.merge_lora(base, adapters, lora.lora_scale(train.lora_rank, train.lora_alpha))
+        base = load(train.source.model).params
+    base = jax.tree.map(lambda x: jnp.asarray(x, train.memory_settings.param_dtype), base)
+    merged = lora.merge_lora(
+        base,
+        adapters,
+        lora.lora_scale(train.memory_settings.lora_rank, train.memory_settings.lora_alpha),
+    )
     return jax.tree.map(lambda x: x.astype(jnp.float32 if dtype is None else dtype), merged)

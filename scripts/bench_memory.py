@@ -63,8 +63,8 @@ def config_of(size: str):
 
 def predict(size: str, settings: dict, batch: int, accum: int, seq_len: int) -> dict:
     from gpt2jax.cli.plan import make_planner
-    from gpt2jax.train.memory.build import MemorySettings
     from gpt2jax.train.memory.planner import Candidate
+    from gpt2jax.train.settings import MemorySettings
 
     s = MemorySettings(**settings)
     planner = make_planner(config_of(size), seq_len, s)
@@ -91,8 +91,8 @@ def predict_fsdp(size: str, seq_len: int) -> dict:
 
 
 def measure(size: str, settings: dict, batch: int, accum: int, seq_len: int) -> dict:
-    from gpt2jax.train.memory.build import MemorySettings
     from gpt2jax.train.memory.probe import run_probe
+    from gpt2jax.train.settings import MemorySettings
 
     cfg = size if size != "tiny" else tiny_config()
     return run_probe(

@@ -14,8 +14,9 @@ from gpt2jax.config import GPT2Config
 from gpt2jax.model import GPT2
 from gpt2jax.train.loss import make_token_losses
 from gpt2jax.train.memory.accumulate import make_accumulate
-from gpt2jax.train.memory.build import MemorySettings, build
+from gpt2jax.train.memory.build import build
 from gpt2jax.train.memory.planner import peak_bytes
+from gpt2jax.train.settings import MemorySettings
 from gpt2jax.train.step import TrainState, make_train_step
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import signal
@@ -18,10 +17,11 @@ import gpt2jax
 from conftest import FIXTURES
 from gpt2jax.cli import main as cli
 from gpt2jax.errors import Gpt2JaxError
-from gpt2jax.store.runs import TrainConfig, read_run, restore_params
+from gpt2jax.store.runs import read_run, restore_params
 from gpt2jax.train.evaluate import evaluate
 from gpt2jax.train.loop import NonFiniteLossError, finetune
 from gpt2jax.train.metrics import read_metrics
+from gpt2jax.train.settings import TrainConfig
 
 TINY_MODEL = str(FIXTURES / "openai_tiny")  # n_vocab 50257, n_ctx 29, n_embd 12, 2 layers
 ENGLISH = (FIXTURES / "english.txt").read_text(encoding="utf-8")
@@ -287,12 +287,11 @@ def start_cli(texts, out, log) -> subprocess.Popen:
     chances to land in a save.
     """
     cfg = config(texts, sample_every=1, sample_length=20, save_every=2)
-    args = [sys.executable, "-m", "gpt2jax", "finetune", cfg.model, "--out", str(out)]
-    args += ["--data", *cfg.data, "--val-data", *cfg.val_data]
-    for f in dataclasses.fields(TrainConfig):
-        value = getattr(cfg, f.name)
-        if f.name not in ("model", "data", "val_data") and value not in (None, False, "", []):
-            args += [f"--{f.name.replace('_', '-')}", str(value)]
+    args = [sys.executable, "-m", "gpt2jax", "finetune", cfg.source.model, "--out", str(out)]
+    args += ["--data", *cfg.dataset.data, "--val-data", *cfg.dataset.val_data]
+    for name, value in cfg.to_dict().items():
+        if name not in ("model", "data", "val_data") and value not in (None, False, "", []):
+            args += [f"--{name.replace('_', '-')}", str(value)]
     cache = jax.config.jax_compilation_cache_dir  # see _caches
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": cache}
     return subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=open(log, "w"))

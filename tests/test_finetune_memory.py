@@ -14,8 +14,8 @@ from conftest import FIXTURES
 from gpt2jax.cli import main as cli
 from gpt2jax.convert import mapping
 from gpt2jax.lora import TARGETS
-from gpt2jax.store.runs import TrainConfig
 from gpt2jax.train.loop import finetune
+from gpt2jax.train.settings import TrainConfig
 
 TINY_MODEL = str(FIXTURES / "openai_tiny")  # n_vocab 50257, n_ctx 29, n_embd 12, 2 layers
 ENGLISH = (FIXTURES / "english.txt").read_text(encoding="utf-8")

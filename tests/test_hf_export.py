@@ -19,6 +19,7 @@ from gpt2jax.cli.main import main as cli_main
 from gpt2jax.config import GPT2Config
 from gpt2jax.convert import hf, mapping
 from gpt2jax.convert.hf_tokenizer import HF_NAMES, OPENAI_NAMES
+from gpt2jax.dtypes import DTYPES
 from gpt2jax.errors import CheckpointError, ConfigError, Gpt2JaxError
 from gpt2jax.formats.safetensors_io import SafetensorsFile, load_file, save_file
 from gpt2jax.model import GPT2
@@ -165,7 +166,7 @@ def test_transformers_loads_export_cleanly_and_logits_match(tmp_path, fmt, dtype
     assert model.dtype == getattr(torch, dtype)
     # ... and upcast to float32 its logits must equal ours on the same rounded weights.
     model, _ = _load(out, dtype=torch.float32)
-    rounded = jax.tree.map(lambda x: x.astype(hf.EXPORT_DTYPES[dtype]).astype(np.float32), params)
+    rounded = jax.tree.map(lambda x: x.astype(DTYPES[dtype]).astype(np.float32), params)
     ids = np.random.default_rng(0).integers(0, TINY.n_vocab, (2, 13))
     np.testing.assert_allclose(_theirs(model, ids), _ours(rounded, TINY, ids), atol=1e-4, rtol=0)
     if dtype != "float32":

@@ -143,8 +143,9 @@ def test_bfloat16_lora_run_exports_its_small_deltas_in_float32(tmp_path, capsys)
     from gpt2jax.cli.main import main as cli_main
     from gpt2jax.convert import mapping
     from gpt2jax.convert.hf import read_hf_dir
-    from gpt2jax.store.runs import TrainConfig, read_run, restore_adapters
+    from gpt2jax.store.runs import read_run, restore_adapters
     from gpt2jax.train.loop import finetune
+    from gpt2jax.train.settings import TrainConfig
 
     tiny_model = str(FIXTURES / "openai_tiny")
     text = tmp_path / "train.txt"

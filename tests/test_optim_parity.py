@@ -25,8 +25,9 @@ from conftest import FIXTURES, random_params
 from gpt2jax.cli import main as cli
 from gpt2jax.config import GPT2Config
 from gpt2jax.convert import mapping
-from gpt2jax.train.memory.build import MemorySettings, build
+from gpt2jax.train.memory.build import build
 from gpt2jax.train.optim import OPTIMIZERS, SGD_MOMENTUM, learning_rate_schedule
+from gpt2jax.train.settings import MemorySettings
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

@@ -10,7 +10,6 @@ from conftest import FIXTURES
 from gpt2jax.cli.main import main
 from gpt2jax.config import GPT2Config
 from gpt2jax.errors import ConfigError
-from gpt2jax.train.memory.build import MemorySettings
 from gpt2jax.train.memory.planner import (
     Candidate,
     GiB,
@@ -24,6 +23,7 @@ from gpt2jax.train.memory.planner import (
     usable_bytes,
 )
 from gpt2jax.train.memory.probe import run_probe
+from gpt2jax.train.settings import MemorySettings
 
 TINY_MODEL = str(FIXTURES / "openai_tiny")
 # Big enough that the step's memory (0.9-1.7 GB: a 25M-parameter vocabulary, optimizer state,

@@ -93,9 +93,9 @@ def read_prompts(path: str) -> list[str]:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
+    from gpt2jax.dtypes import DTYPES
     from gpt2jax.generation.host import generate
     from gpt2jax.loader import load
-    from gpt2jax.store.model_dir import DTYPES
 
     prompts = read_prompts(args.prompt_file) if args.prompt_file else args.prompt
     n_prompts = 1 if prompts is None or isinstance(prompts, str) else len(prompts)

@@ -42,8 +42,8 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
 def _cmd_convert(args: argparse.Namespace) -> int:
     import time
 
+    from gpt2jax.dtypes import DTYPES
     from gpt2jax.loader import describe
-    from gpt2jax.store.model_dir import DTYPES
 
     src = describe(args.src)  # a size name ("124M") means the download cache
     args.src = src.path
@@ -186,7 +186,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
         hf = src.hf_weights()
         info.update(dtype=hf["dtype"], source={"format": "hf", "weights": hf["files"]})
     else:  # a training run
-        start = src.train.model or f"random {src.train.init} weights"
+        start = src.train.source.model or f"random {src.train.source.init} weights"
         info.update(
             dtype=src.dtype, source={"format": "gpt2jax-run", "from": start, "step": src.step}
         )

@@ -18,11 +18,12 @@ def add_memory_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> 
     """The memory flags shared by ``plan`` and ``finetune``, except those in ``skip``. They
     default to None, so that a command can tell which were given (the defaults in the help are
     :class:`gpt2jax.train.memory.build.MemorySettings`'s)."""
+    from gpt2jax.dtypes import TRAINING
     from gpt2jax.model import REMAT_POLICIES
-    from gpt2jax.train.memory.build import DTYPES, PARALLEL, MemorySettings
     from gpt2jax.train.optim import OPTIMIZERS
+    from gpt2jax.train.settings import PARALLEL, MemorySettings
 
-    dtypes = tuple(DTYPES)
+    dtypes = TRAINING
     flags = (
         ("--remat", dict(choices=REMAT_POLICIES, type=_remat), "recompute activations in "
          "the backward pass: none, dots (keep matmul outputs) or block (keep each block's "
@@ -96,7 +97,7 @@ def add_plan(sub: argparse._SubParsersAction) -> None:
 def settings_from_args(args: argparse.Namespace):
     """``(MemorySettings, names given)``: the memory settings of the flags (defaults where not
     given)."""
-    from gpt2jax.train.memory.build import MemorySettings
+    from gpt2jax.train.settings import MemorySettings
 
     names = [f.name for f in dataclasses.fields(MemorySettings)]
     given = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}

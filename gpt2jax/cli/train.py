@@ -1,14 +1,13 @@
 """``gpt2jax finetune`` and ``gpt2jax eval``: flags, registered by :mod:`gpt2jax.cli.main`.
 
 Every ``finetune`` flag defaults to None here so that the command can tell which ones were
-given: a new run fills the rest from :class:`gpt2jax.store.runs.TrainConfig`'s defaults, a resumed
+given: a new run fills the rest from :class:`gpt2jax.train.settings.TrainConfig`'s defaults, a resumed
 run from its ``run.json`` (and only the flags in ``TrainConfig.RESUMABLE`` may change then).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import os
@@ -18,7 +17,7 @@ from typing import Any
 from gpt2jax.cli.plan import add_memory_flags
 from gpt2jax.errors import ConfigError
 
-# (flag, TrainConfig field, type, help); defaults come from TrainConfig.
+# (flag, TrainConfig setting, type, help); defaults come from TrainConfig.
 _TRAIN_FLAGS: tuple[tuple[str, str, type, str], ...] = (
     (
         "--steps",
@@ -63,10 +62,11 @@ _TRAIN_FLAGS: tuple[tuple[str, str, type, str], ...] = (
 
 
 def add_finetune(sub: argparse._SubParsersAction) -> None:
-    from gpt2jax.store.runs import TrainConfig
     from gpt2jax.train.optim import OPTIMIZERS, SCHEDULES
+    from gpt2jax.train.settings import TrainConfig
 
     defaults = TrainConfig()
+    flat_defaults = defaults.to_dict()
     p = sub.add_parser(
         "finetune",
         help="fine-tune a model on text (or train one from scratch), or resume a run",
@@ -83,11 +83,13 @@ def add_finetune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--val-data", nargs="+", metavar="PATH", help="held-out data to validate on")
     for flag, name, kind, text in _TRAIN_FLAGS:
         if "default:" not in text:
-            text = f"{text} (default: {getattr(defaults, name)})"
+            text = f"{text} (default: {flat_defaults[name]})"
         metavar = {int: "N", float: "X"}.get(kind, "TEXT")
         p.add_argument(flag, dest=name, type=kind, metavar=metavar, help=text)
-    p.add_argument("--schedule", choices=SCHEDULES, help=f"(default: {defaults.schedule})")
-    p.add_argument("--optimizer", choices=OPTIMIZERS, help=f"(default: {defaults.optimizer})")
+    p.add_argument("--schedule", choices=SCHEDULES, help=f"(default: {defaults.schedule.schedule})")
+    p.add_argument(
+        "--optimizer", choices=OPTIMIZERS, help=f"(default: {defaults.memory_settings.optimizer})"
+    )
     p.add_argument("--compute-dtype", choices=("float32", "bfloat16"), help="(default: float32)")
     add_memory_flags(p, skip=("optimizer", "compute_dtype"))
     p.add_argument(
@@ -109,15 +111,15 @@ def add_finetune(sub: argparse._SubParsersAction) -> None:
 
 def _given(args: argparse.Namespace) -> dict:
     """TrainConfig fields whose flags were given on the command line."""
-    from gpt2jax.store.runs import TrainConfig
+    from gpt2jax.train.settings import SECTION_OF
 
-    names = {f.name for f in dataclasses.fields(TrainConfig)} - {"model", "data", "val_data"}
+    names = set(SECTION_OF) - {"model", "data", "val_data"}
     return {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
-    from gpt2jax.store.runs import TrainConfig
     from gpt2jax.train.loop import finetune
+    from gpt2jax.train.settings import TrainConfig
 
     log_to_stderr()
     cache_compiled_code()
@@ -153,7 +155,6 @@ def _planned(args: argparse.Namespace, given: dict) -> dict:
     on stderr."""
     from gpt2jax.cli.plan import make_planner, model_config, settings_from_args
     from gpt2jax.config import get_preset
-    from gpt2jax.store.runs import TrainConfig
     from gpt2jax.train.memory.planner import (
         approximate_settings,
         chosen_line,
@@ -163,6 +164,7 @@ def _planned(args: argparse.Namespace, given: dict) -> dict:
         resolve_memory,
         search,
     )
+    from gpt2jax.train.settings import TrainConfig
 
     if not (args.model or args.init):
         return {}  # TrainConfig.validate says what is missing
@@ -173,14 +175,17 @@ def _planned(args: argparse.Namespace, given: dict) -> dict:
     defaults = TrainConfig()
     seq_len = min(given.get("seq_len") or 1024, config.n_ctx)
     planner = make_planner(
-        config, seq_len, base, sample_length=given.get("sample_length", defaults.sample_length)
+        config,
+        seq_len,
+        base,
+        sample_length=given.get("sample_length", defaults.logging.sample_length),
     )
     print(f"--memory {read_as}", file=sys.stderr)
     print(header(budget), file=sys.stderr, flush=True)
     chosen, rows = search(
-        planner, base, budget, given.get("batch_size", defaults.batch_size),
+        planner, base, budget, given.get("batch_size", defaults.dataset.batch_size),
         batch_given="batch_size" in given, fixed=fixed,
-        grad_accum=given.get("grad_accum", defaults.grad_accum),
+        grad_accum=given.get("grad_accum", defaults.dataset.grad_accum),
         show=lambda row: print(format_row(row), file=sys.stderr, flush=True),
     )  # fmt: skip
     if chosen is None:

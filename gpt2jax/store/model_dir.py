@@ -22,10 +22,10 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from gpt2jax.config import GPT2Config, read_json
+from gpt2jax.dtypes import STORAGE
 from gpt2jax.errors import CheckpointError, Gpt2JaxError
 from gpt2jax.store.atomic import atomic_dir
 
@@ -33,14 +33,13 @@ FORMAT = "gpt2jax"
 FORMAT_VERSION = 1
 PARAMS_DIR = "params"
 TOKENIZER_FILES = ("encoder.json", "vocab.bpe")
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 def dtype_name(dtype: Any) -> str:
     """``"float32"``, ``"bfloat16"`` or ``"float16"`` for ``dtype``; anything else is an error."""
     name = np.dtype(dtype).name
-    if name not in DTYPES:
-        raise Gpt2JaxError(f"unsupported parameter dtype {name}; use one of {', '.join(DTYPES)}")
+    if name not in STORAGE:
+        raise Gpt2JaxError(f"unsupported parameter dtype {name}; use one of {', '.join(STORAGE)}")
     return name
 
 

@@ -25,7 +25,6 @@ checkpoints, and the next ``CheckpointManager`` removes the leftovers.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import os
 import re
@@ -35,8 +34,9 @@ import time
 from typing import Any
 
 from gpt2jax.config import GPT2Config, read_json
-from gpt2jax.errors import CheckpointError, ConfigError, Gpt2JaxError
+from gpt2jax.errors import CheckpointError, Gpt2JaxError
 from gpt2jax.store.model_dir import TOKENIZER_FILES
+from gpt2jax.train.settings import TrainConfig
 from gpt2jax.version import __version__
 
 FORMAT = "gpt2jax-run"
@@ -54,119 +54,6 @@ def save_concurrent_gb(largest_leaf: int) -> int:
     """orbax's limit on the GB (10^9 bytes) being written at once: room for the largest leaf
     of what is saved, at least 1."""
     return max(1, -(-largest_leaf // 10**9))
-
-
-@dataclasses.dataclass
-class TrainConfig:
-    """Every setting of a fine-tuning run (the CLI flags of ``gpt2jax finetune``).
-
-    ``batch_size`` is the global batch: windows per optimizer update, over all devices and
-    micro-batches together (``grad_accum`` splits it further, to save memory, without changing
-    the update). ``seq_len`` defaults to the model's context (at most 1024).
-    """
-
-    model: str | None = None  # the starting model directory...
-    init: str | None = None  # ...or a preset name (124M, ...): random weights, from scratch
-    data: list[str] = dataclasses.field(default_factory=list)
-    val_data: list[str] = dataclasses.field(default_factory=list)
-    val_fraction: float = 0.05
-    column: str | None = None
-    field: str | None = None
-    steps: int = 1000
-    # Updates the lr schedule decays over. None until a new run records its `steps` here, so
-    # that a resume with more steps keeps the horizon instead of re-stretching a decayed
-    # schedule (and raising the lr); run.json files written before it existed hold no value.
-    schedule_steps: int | None = None
-    batch_size: int = 8
-    grad_accum: int = 1
-    seq_len: int | None = None
-    lr: float = 1e-4
-    warmup: int = 0
-    schedule: str = "cosine"
-    optimizer: str = "adamw"
-    weight_decay: float = 0.01
-    clip: float = 1.0
-    dropout: float = 0.0
-    compute_dtype: str = "float32"
-    seed: int = 0
-    eval_every: int = 200
-    eval_batches: int = 16
-    sample_every: int = 500
-    sample_length: int = 64
-    sample_prompt: str = ""
-    save_every: int = 500
-    keep: int = 3
-    skip_nonfinite: bool = False
-    # Memory (gpt2jax.train.memory.build.MemorySettings; `--memory` chooses some of them, see
-    # gpt2jax.train.memory.planner)
-    remat: str = "none"
-    param_dtype: str = "float32"
-    opt_state_dtype: str = "float32"
-    loss_chunk: int = 0
-    parallel: str = "data"
-    lora_rank: int = 0
-    lora_alpha: float | None = None
-    freeze: str | None = None
-    memory: str | None = None  # the budget the settings were planned for, as given
-    # what in these settings approximates float32 AdamW of the whole model (set by --memory)
-    approximate: list[str] = dataclasses.field(default_factory=list)
-
-    #: Fields a resumed run may change; anything else would make it a different run.
-    RESUMABLE = (
-        "steps",
-        "schedule_steps",
-        "eval_every",
-        "eval_batches",
-        "sample_every",
-        "sample_length",
-        "sample_prompt",
-        "save_every",
-        "keep",
-        "skip_nonfinite",
-    )
-
-    def validate(self) -> None:
-        """Raises :class:`ConfigError` naming the flag when a setting is impossible."""
-        if (self.model is None) == (self.init is None):
-            raise ConfigError("give either a starting MODEL directory or --init SIZE, not both")
-        if not self.data:
-            raise ConfigError("no training data: pass --data FILE ...")
-        positive = ("steps", "batch_size", "grad_accum", "eval_batches", "sample_length", "keep")
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise ConfigError(
-                    f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}"
-                )
-        for name in ("warmup", "eval_every", "sample_every", "save_every"):
-            if getattr(self, name) < 0:
-                raise ConfigError(
-                    f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}"
-                )
-        if self.seq_len is not None and self.seq_len < 1:
-            raise ConfigError(f"--seq-len must be >= 1, got {self.seq_len}")
-        if self.schedule_steps is not None and self.schedule_steps <= 0:
-            raise ConfigError(f"--schedule-steps must be > 0, got {self.schedule_steps}")
-        from gpt2jax.train.memory.build import MemorySettings
-
-        MemorySettings.of(self).validate()
-        if self.compute_dtype not in ("float32", "bfloat16"):
-            raise ConfigError(
-                f"--compute-dtype must be float32 or bfloat16, got {self.compute_dtype}"
-            )
-
-    def to_dict(self) -> dict[str, Any]:
-        """Every setting, as ``run.json`` records it under ``"train"`` (see ``from_dict``)."""
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any], source: str = RUN_JSON) -> TrainConfig:
-        """The settings ``to_dict`` wrote; an unknown key is a :class:`ConfigError` naming
-        ``source``."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ConfigError(f"{source}: unknown training settings {', '.join(unknown)}")
-        return cls(**d)
 
 
 def write_json_atomic(path: str, data: Any) -> None:
@@ -490,7 +377,7 @@ def restore_adapters(path: str, config: GPT2Config, train: TrainConfig, step: in
     from gpt2jax.lora import init_lora
 
     params_dir = epath.Path(os.path.abspath(path)) / CHECKPOINTS / str(step) / "params"
-    shapes = jax.eval_shape(lambda: init_lora(config, train.lora_rank))
+    shapes = jax.eval_shape(lambda: init_lora(config, train.memory_settings.lora_rank))
     handler = ocp.StandardCheckpointHandler()
     try:
         adapters = handler.restore(params_dir, args=ocp.args.StandardRestore(shapes))

@@ -45,14 +45,14 @@ from gpt2jax.loader import Pretrained, describe, load
 from gpt2jax.model import init_params
 from gpt2jax.progress import progress_bar
 from gpt2jax.store import runs
-from gpt2jax.store.runs import TrainConfig
 from gpt2jax.store.sizes import resolve_model
 from gpt2jax.tokenizer import Tokenizer
 from gpt2jax.train.batches import Prefetcher, WindowSampler, eval_windows, spread
 from gpt2jax.train.data import check_vocab, load_tokens, split_tail
-from gpt2jax.train.memory.build import MemorySettings, build
+from gpt2jax.train.memory.build import build
 from gpt2jax.train.metrics import MetricsLog, plot_losses
 from gpt2jax.train.optim import learning_rate_schedule
+from gpt2jax.train.settings import TrainConfig
 from gpt2jax.train.step import (
     AXIS,
     DataParallel,
@@ -133,8 +133,10 @@ def finetune(
             runs.check_new_run(out)
         config, params, tokenizer, tokenizer_dir = _starting_model(train)
         train = _resolve_seq_len(train, config)
-        if train.schedule_steps is None:  # recorded, so that a resume keeps the lr's horizon
-            train = dataclasses.replace(train, schedule_steps=train.steps)
+        if (
+            train.schedule.schedule_steps is None
+        ):  # recorded, so that a resume keeps the lr's horizon
+            train = train.replace(schedule_steps=train.schedule.steps)
     run = _Run(out, config, train, tokenizer, cache_dir, show_progress)
     if not resume and primary:  # only once the data and settings have proved usable
         runs.create_run(out, config, train, tokenizer_dir)
@@ -149,20 +151,19 @@ def _absolute_paths(train: TrainConfig) -> TrainConfig:
         return os.path.abspath(os.path.expanduser(p))
 
     # A size name ("355M") is resolved to its download cache here, so run.json records a path.
-    model = absolute(resolve_model(train.model)) if train.model is not None else None
-    return dataclasses.replace(
-        train,
+    model = absolute(resolve_model(train.source.model)) if train.source.model is not None else None
+    return train.replace(
         model=model,
-        data=[absolute(p) for p in train.data],
-        val_data=[absolute(p) for p in train.val_data],
+        data=[absolute(p) for p in train.dataset.data],
+        val_data=[absolute(p) for p in train.dataset.val_data],
     )
 
 
 def _resolve_seq_len(train: TrainConfig, config: GPT2Config) -> TrainConfig:
-    seq_len = train.seq_len or min(1024, config.n_ctx)
+    seq_len = train.dataset.seq_len or min(1024, config.n_ctx)
     if seq_len > config.n_ctx:
         raise ConfigError(f"--seq-len {seq_len} exceeds the model's context of {config.n_ctx}")
-    return dataclasses.replace(train, seq_len=seq_len)
+    return train.replace(seq_len=seq_len)
 
 
 def _resumed_settings(out: str, overrides: dict[str, Any]) -> tuple[GPT2Config, TrainConfig]:
@@ -175,12 +176,12 @@ def _resumed_settings(out: str, overrides: dict[str, Any]) -> tuple[GPT2Config, 
             f"{out}: {flags} cannot change when resuming (only "
             f"{', '.join('--' + k.replace('_', '-') for k in TrainConfig.RESUMABLE)} can)"
         )
-    if train.schedule_steps is None:
+    if train.schedule.schedule_steps is None:
         # A run.json from before schedule_steps existed: its lr decayed over the steps it
         # records, which more --steps must not stretch either.
-        train = dataclasses.replace(train, schedule_steps=train.steps)
+        train = train.replace(schedule_steps=train.schedule.steps)
     if overrides:
-        train = dataclasses.replace(train, **overrides)
+        train = train.replace(**overrides)
         train.validate()
         runs.write_run_json(out, config, train)
     return config, train
@@ -188,10 +189,10 @@ def _resumed_settings(out: str, overrides: dict[str, Any]) -> tuple[GPT2Config, 
 
 def _starting_model(train: TrainConfig) -> tuple[GPT2Config, Any, Tokenizer, str | None]:
     """``(config, params, tokenizer, tokenizer_dir)`` of the model the run starts from."""
-    if train.init is not None:
-        config = get_preset(train.init)
+    if train.source.init is not None:
+        config = get_preset(train.source.init)
         return config, None, Tokenizer.default(), None  # params: drawn from the seed later
-    source = describe(train.model)
+    source = describe(train.source.model)
     model = load(source)
     has_files = source.tokenizer is not None and source.tokenizer[0] == "encoder.json"
     return model.config, model.params, model.tokenizer, source.path if has_files else None
@@ -232,7 +233,7 @@ class _Run:
         show_progress: bool,
     ) -> None:
         self.out, self.config, self.train, self.tokenizer = out, config, train, tokenizer
-        if train.parallel == "fsdp":
+        if train.memory_settings.parallel == "fsdp":
             from gpt2jax.train.sharding import FSDP
 
             self.dp = FSDP()
@@ -240,7 +241,7 @@ class _Run:
             self.dp = DataParallel()
         self.primary = self.dp.process_index == 0
         self.show_progress = show_progress and self.primary
-        self.per_device = self.dp.check_batch(train.batch_size, train.grad_accum)
+        self.per_device = self.dp.check_batch(train.dataset.batch_size, train.dataset.grad_accum)
         self._setup_data(cache_dir)
         self._setup_model()
         self.skipped = 0
@@ -252,50 +253,73 @@ class _Run:
     def _setup_data(self, cache_dir: Any) -> None:
         t = self.train
         data = load_tokens(
-            t.data, self.tokenizer, column=t.column, field=t.field, cache_dir=cache_dir,
+            t.dataset.data,
+            self.tokenizer,
+            column=t.dataset.column,
+            field=t.dataset.field,
+            cache_dir=cache_dir,
             show_progress=self.show_progress,
-        )  # fmt: skip
+        )
         self.data_key = data.key
-        if t.val_data:
+        if t.dataset.val_data:
             val = load_tokens(
-                t.val_data, self.tokenizer, column=t.column, field=t.field, cache_dir=cache_dir,
+                t.dataset.val_data,
+                self.tokenizer,
+                column=t.dataset.column,
+                field=t.dataset.field,
+                cache_dir=cache_dir,
                 show_progress=self.show_progress,
-            )  # fmt: skip
+            )
             train_tokens, val_tokens = data.tokens, val.tokens
             check_vocab(val.tokens, self.config.n_vocab, val.name)
         else:
-            train_tokens, val_tokens = split_tail(data.tokens, t.val_fraction)
+            train_tokens, val_tokens = split_tail(data.tokens, t.dataset.val_fraction)
         check_vocab(data.tokens, self.config.n_vocab, data.name)
         try:
-            self.sampler = WindowSampler(train_tokens, t.seq_len, t.batch_size, t.seed)
+            self.sampler = WindowSampler(
+                train_tokens, t.dataset.seq_len, t.dataset.batch_size, t.run.seed
+            )
         except DataError as e:
-            held = f" after holding out --val-fraction {t.val_fraction}" if len(val_tokens) else ""
+            held = (
+                f" after holding out --val-fraction {t.dataset.val_fraction}"
+                if len(val_tokens)
+                else ""
+            )
             raise DataError(f"{data.name}: {e}{held}") from None
-        windows, weights = eval_windows(val_tokens, t.seq_len)
-        limit = t.eval_batches * self.per_device * self.dp.num_devices * self.dp.process_count
+        windows, weights = eval_windows(val_tokens, t.dataset.seq_len)
+        limit = (
+            t.logging.eval_batches * self.per_device * self.dp.num_devices * self.dp.process_count
+        )
         self.val_windows, self.val_weights = spread(windows, weights, limit)
-        if len(val_tokens) < 2 and (t.val_data or t.val_fraction > 0):
+        if len(val_tokens) < 2 and (t.dataset.val_data or t.dataset.val_fraction > 0):
             log.warning("no validation: only %d tokens were held out", len(val_tokens))
         log.info(
             "data: %s: %d tokens in %d document(s), %d for training (%.2f epochs of windows "
             "in %d steps), %d held out",
-            data.name, len(data.tokens), data.n_documents, len(train_tokens),
-            t.steps * t.batch_size / self.sampler.windows_per_epoch, t.steps, len(val_tokens),
-        )  # fmt: skip
+            data.name,
+            len(data.tokens),
+            data.n_documents,
+            len(train_tokens),
+            t.schedule.steps * t.dataset.batch_size / self.sampler.windows_per_epoch,
+            t.schedule.steps,
+            len(val_tokens),
+        )
 
     def _setup_model(self) -> None:
         """Model, optimizer and loss from the run's memory settings
         (:mod:`gpt2jax.train.memory.build`)."""
         t, config = self.train, self.config
-        horizon = t.schedule_steps or t.steps
-        if t.steps > horizon and t.schedule != "constant":
+        horizon = t.schedule.schedule_steps or t.schedule.steps
+        if t.schedule.steps > horizon and t.schedule.schedule != "constant":
             log.warning(
                 "the %s lr schedule decays over %d updates and the run has %d: the lr is 0 "
                 "after step %d (--schedule-steps N stretches the schedule)",
-                t.schedule, horizon, t.steps, horizon,
+                t.schedule.schedule, horizon, t.schedule.steps, horizon,
             )  # fmt: skip
-        self.schedule = learning_rate_schedule(t.lr, t.warmup, horizon, t.schedule)
-        settings = MemorySettings.of(t)
+        self.schedule = learning_rate_schedule(
+            t.update.lr, t.schedule.warmup, horizon, t.schedule.schedule
+        )
+        settings = t.memory_settings
         extra = None
         if settings.parallel == "fsdp":
             from gpt2jax.train.sharding import make_prepare
@@ -305,19 +329,24 @@ class _Run:
         def recipe(dropout: float):
             return build(
                 dataclasses.replace(config, dropout=dropout), settings, self.schedule,
-                weight_decay=t.weight_decay, clip=t.clip, extra_prepare=extra,
+                weight_decay=t.update.weight_decay, clip=t.update.clip, extra_prepare=extra,
             )  # fmt: skip
 
-        self.recipe, evaluation = recipe(t.dropout), recipe(0.0)
+        self.recipe, evaluation = recipe(t.update.dropout), recipe(0.0)
         self.eval_model, self.tx = evaluation.model, self.recipe.tx
         # One device in all: nothing to average, and the all-reduce would write the gradients
         # into a second full-size buffer (measured: +0.9 GB at 355M), so no collective at all.
         several = self.dp.num_devices * self.dp.process_count > 1
         axis = AXIS if settings.parallel == "data" and several else None
         step = make_train_step(
-            self.recipe.model, self.tx, loss_fn=self.recipe.loss_fn, schedule=self.schedule,
-            skip_nonfinite=t.skip_nonfinite, axis_name=axis, accumulate=self.recipe.accumulate,
-        )  # fmt: skip
+            self.recipe.model,
+            self.tx,
+            loss_fn=self.recipe.loss_fn,
+            schedule=self.schedule,
+            skip_nonfinite=t.update.skip_nonfinite,
+            axis_name=axis,
+            accumulate=self.recipe.accumulate,
+        )
         self.p_train_step = self.dp.compile_train_step(step)
         eval_step = make_eval_step(self.eval_model, axis, loss_fn=evaluation.loss_fn)
         self.p_eval_step = self.dp.compile_eval_step(eval_step)
@@ -332,10 +361,10 @@ class _Run:
         state = jax.eval_shape(
             lambda p, f: TrainState.create(p, self.tx, 0, frozen=f), trained, frozen
         )
-        batch = jax.ShapeDtypeStruct((d, t.grad_accum, b, t.seq_len + 1), jnp.int32)
+        batch = jax.ShapeDtypeStruct((d, t.dataset.grad_accum, b, t.dataset.seq_len + 1), jnp.int32)
         self.p_train_step = self.p_train_step.lower(state, batch).compile()
-        windows = jax.ShapeDtypeStruct((d, b, t.seq_len + 1), jnp.int32)
-        weights = jax.ShapeDtypeStruct((d, b, t.seq_len), jnp.float32)
+        windows = jax.ShapeDtypeStruct((d, b, t.dataset.seq_len + 1), jnp.int32)
+        weights = jax.ShapeDtypeStruct((d, b, t.dataset.seq_len), jnp.float32)
         params = (state.params, state.frozen)
         self.p_eval_step = self.p_eval_step.lower(params, windows, weights).compile()
 
@@ -344,7 +373,7 @@ class _Run:
         is one), else a fresh one from ``params`` (or the starting model's)."""
         shapes, _ = self.recipe.abstract_params()
         largest = max(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes))
-        self.ckpts = runs.Checkpoints(self.out, self.train.keep, largest_leaf=largest)
+        self.ckpts = runs.Checkpoints(self.out, self.train.logging.keep, largest_leaf=largest)
         self.start = self._restore() if resume else None
         self.last_saved = self.start
         if self.start is None:
@@ -358,11 +387,11 @@ class _Run:
         t, recipe, tx = self.train, self.recipe, self.tx
 
         def create(params: Any) -> TrainState:
-            trained, frozen = recipe.split(params, t.seed)
-            return TrainState.create(trained, tx, t.seed, frozen=frozen)
+            trained, frozen = recipe.split(params, t.run.seed)
+            return TrainState.create(trained, tx, t.run.seed, frozen=frozen)
 
-        if params is None and t.init is not None:  # random weights, drawn on the devices
-            return self.dp.init(lambda: create(init_params(self.config, t.seed)))
+        if params is None and t.source.init is not None:  # random weights, drawn on the devices
+            return self.dp.init(lambda: create(init_params(self.config, t.run.seed)))
         if params is None:
             params = _initial_params(t, self.config)
         _to_devices(params)
@@ -375,11 +404,13 @@ class _Run:
             return None
         shapes, _ = self.recipe.abstract_params()
         opt_shapes = jax.eval_shape(self.tx.init, shapes)
-        if self.train.parallel == "fsdp":  # restored straight into its shards
+        if self.train.memory_settings.parallel == "fsdp":  # restored straight into its shards
             shapes, opt_shapes = self.dp.abstract(shapes), self.dp.abstract(opt_shapes)
         params, opt_state, meta = self.ckpts.restore(step, shapes, opt_shapes)
         frozen = None
-        if self.train.lora_rank:  # the base model is not checkpointed: it never changes
+        if (
+            self.train.memory_settings.lora_rank
+        ):  # the base model is not checkpointed: it never changes
             frozen = self.recipe.split(_initial_params(self.train, self.config), 0)[1]
         if meta.get("data_key") != self.data_key:
             log.warning(
@@ -401,24 +432,28 @@ class _Run:
 
     def run(self) -> FinetuneResult:
         t = self.train
-        rows = self.dp.process_rows(t.batch_size)
+        rows = self.dp.process_rows(t.dataset.batch_size)
         prefetch = Prefetcher(
-            lambda s: self.dp.shard(self.sampler.batch(s, rows), t.grad_accum),
+            lambda s: self.dp.shard(self.sampler.batch(s, rows), t.dataset.grad_accum),
             self.start,
-            t.steps,
+            t.schedule.steps,
         )
         metrics = MetricsLog(os.path.join(self.out, runs.METRICS), self.start, self.primary)
-        if self.start >= t.steps:
+        if self.start >= t.schedule.steps:
             log.info("%s is at step %d of %d already; --steps N trains further", self.out,
-                     self.start, t.steps)  # fmt: skip
+                     self.start, t.schedule.steps)  # fmt: skip
         self.metrics = metrics
-        self.tokens_per_step = t.batch_size * t.seq_len
+        self.tokens_per_step = t.dataset.batch_size * t.dataset.seq_len
         interrupted = None
         try:
             with (
                 _stop_signals() as stop,
                 progress_bar(
-                    t.steps, "finetune", unit="step", enabled=self.show_progress, initial=self.start
+                    t.schedule.steps,
+                    "finetune",
+                    unit="step",
+                    enabled=self.show_progress,
+                    initial=self.start,
                 ) as bar,
             ):
                 self.bar = bar
@@ -426,19 +461,19 @@ class _Run:
                 self.started = self.clock
                 pending = None
                 done = self.start
-                for step in range(self.start, t.steps):
+                for step in range(self.start, t.schedule.steps):
                     batch = prefetch.next()
                     self.state, step_metrics = self.p_train_step(self.state, batch)
                     if pending is not None:
                         self._record(*pending)
                     pending = (step + 1, step_metrics)
                     done = step + 1
-                    last = done == t.steps
+                    last = done == t.schedule.steps
                     stopping = "signal" in stop  # read once: a signal may arrive any time
                     due = (
-                        _due(done, t.eval_every) and len(self.val_windows),
-                        _due(done, t.sample_every) or (last and t.sample_every > 0),
-                        _due(done, t.save_every) or last or stopping,
+                        _due(done, t.logging.eval_every) and len(self.val_windows),
+                        _due(done, t.logging.sample_every) or (last and t.logging.sample_every > 0),
+                        _due(done, t.logging.save_every) or last or stopping,
                     )
                     if any(due) or last:
                         self._record(*pending)
@@ -491,11 +526,11 @@ class _Run:
         finite = bool(m["finite"])
         if finite:
             self.loss = loss
-        elif self.train.skip_nonfinite:
+        elif self.train.update.skip_nonfinite:
             self.skipped += 1
             record["skipped"] = True
         self.metrics.write(record)  # a non-finite loss is logged as null
-        if not finite and not self.train.skip_nonfinite:
+        if not finite and not self.train.update.skip_nonfinite:
             raise NonFiniteLossError(step, loss, self.last_saved, self.out)
         postfix = {"loss": f"{loss:.4f}", "lr": f"{record['lr']:.2e}"}
         if self.val_loss is not None:
@@ -530,9 +565,14 @@ class _Run:
             compute_dtype=self.eval_model.dtype,
         )
         text = generate(
-            model, t.sample_prompt or None, max_new_tokens=t.sample_length, top_k=SAMPLE_TOP_K,
-            seed=t.seed + step, truncate_prompt=True, include_prompt=True,
-        )[0].text  # fmt: skip
+            model,
+            t.logging.sample_prompt or None,
+            max_new_tokens=t.logging.sample_length,
+            top_k=SAMPLE_TOP_K,
+            seed=t.run.seed + step,
+            truncate_prompt=True,
+            include_prompt=True,
+        )[0].text
         if self.primary:
             banner = f"======== sample at step {step} ========"
             path = os.path.join(self.out, runs.SAMPLES)
@@ -600,6 +640,6 @@ def _to_devices(tree: dict) -> None:
 
 def _initial_params(train: TrainConfig, config: GPT2Config) -> Any:
     """The parameters a run starts from: the starting model's, or random for ``init``."""
-    if train.init is not None:
-        return init_params(config, train.seed)
-    return load(train.model).params
+    if train.source.init is not None:
+        return init_params(config, train.run.seed)
+    return load(train.source.model).params

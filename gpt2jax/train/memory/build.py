@@ -2,7 +2,7 @@
 
 ``gpt2jax finetune`` and ``gpt2jax plan`` both build their training step here, so what the
 planner compiles and measures is exactly what the run executes. The settings
-(:class:`MemorySettings`, also fields of :class:`gpt2jax.store.runs.TrainConfig`):
+(:class:`MemorySettings`, also fields of :class:`gpt2jax.train.settings.TrainConfig`):
 
 ==================  =========================================================================
 ``remat``           ``none`` / ``dots`` / ``block`` (:class:`gpt2jax.model.GPT2`)
@@ -36,66 +36,14 @@ import optax
 
 from gpt2jax import lora
 from gpt2jax.config import GPT2Config
-from gpt2jax.errors import ConfigError
-from gpt2jax.model import GPT2, REMAT_POLICIES, param_shapes
+from gpt2jax.dtypes import dtype
+from gpt2jax.model import GPT2, param_shapes
 from gpt2jax.train.layerwise import Layerwise
 from gpt2jax.train.loss import LossFn, chain, make_token_losses
 from gpt2jax.train.memory import freeze as freezing
 from gpt2jax.train.memory.accumulate import Accumulate, make_accumulate
 from gpt2jax.train.optim import make_optimizer
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-PARALLEL = ("data", "fsdp")
-
-
-@dataclasses.dataclass(frozen=True)
-class MemorySettings:
-    """How a run trades memory for speed (see the module docstring); defaults: all off."""
-
-    remat: str = "none"
-    compute_dtype: str = "float32"
-    param_dtype: str = "float32"
-    optimizer: str = "adamw"
-    opt_state_dtype: str = "float32"
-    loss_chunk: int = 0
-    lora_rank: int = 0
-    lora_alpha: float | None = None
-    freeze: str | None = None
-    parallel: str = "data"
-
-    @classmethod
-    def of(cls, settings: Any) -> MemorySettings:
-        """The memory settings of any object with these attributes (a ``TrainConfig``)."""
-        return cls(**{f.name: getattr(settings, f.name) for f in dataclasses.fields(cls)})
-
-    def validate(self) -> None:
-        """Raises :class:`ConfigError` naming the flag of an impossible setting."""
-        choices = {
-            "remat": REMAT_POLICIES,
-            "compute_dtype": tuple(DTYPES),
-            "param_dtype": tuple(DTYPES),
-            "opt_state_dtype": tuple(DTYPES),
-            "parallel": PARALLEL,
-        }
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ConfigError(
-                    f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, "
-                    f"got {getattr(self, name)!r}"
-                )
-        if self.loss_chunk < 0:
-            raise ConfigError(f"--loss-chunk must be >= 0 (0: off), got {self.loss_chunk}")
-        if self.lora_rank < 0:
-            raise ConfigError(f"--lora-rank must be >= 0 (0: off), got {self.lora_rank}")
-        if self.lora_alpha is not None and self.lora_rank == 0:
-            raise ConfigError("--lora-alpha needs --lora-rank")
-        if self.lora_rank and self.freeze:
-            raise ConfigError("--freeze and --lora-rank exclude each other (LoRA freezes all)")
-        if self.optimizer == "adafactor" and self.opt_state_dtype != "float32":
-            raise ConfigError(
-                "--opt-state-dtype applies to adamw and sgd; adafactor's factored statistics "
-                "are already small and stay float32"
-            )
+from gpt2jax.train.settings import MemorySettings
 
 
 @dataclasses.dataclass
@@ -115,8 +63,8 @@ class Recipe:
         """``(trained, frozen)`` parts of the starting model's parameters, in ``param_dtype``:
         the model and None, or fresh LoRA adapters (always float32) and the base model (a
         frozen base needs no float32 master copy: bfloat16 halves it)."""
-        dtype = DTYPES[self.settings.param_dtype]
-        params = jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
+        stored = dtype(self.settings.param_dtype)
+        params = jax.tree.map(lambda x: jnp.asarray(x, stored), params)
         if self.settings.lora_rank:
             return lora.init_lora(self.model.config, self.settings.lora_rank, seed), params
         return params, None
@@ -153,8 +101,8 @@ def build(
     settings.validate()
     model = GPT2(
         config,
-        dtype=DTYPES[settings.compute_dtype],
-        param_dtype=DTYPES[settings.param_dtype],
+        dtype=dtype(settings.compute_dtype),
+        param_dtype=dtype(settings.param_dtype),
         remat=settings.remat,
     )
     base = make_optimizer(
@@ -162,7 +110,7 @@ def build(
         schedule,
         weight_decay=weight_decay,
         clip=0.0,  # global-norm clipping is Layerwise's, before the per-layer loop
-        state_dtype=DTYPES[settings.opt_state_dtype],
+        state_dtype=dtype(settings.opt_state_dtype),
     )
     prepares = []
     scale = None

@@ -47,7 +47,8 @@ import optax
 from gpt2jax.config import GPT2Config
 from gpt2jax.errors import ConfigError
 from gpt2jax.store.runs import save_concurrent_gb
-from gpt2jax.train.memory.build import MemorySettings, build
+from gpt2jax.train.memory.build import build
+from gpt2jax.train.settings import MemorySettings
 
 GiB = 2**30
 LOSS_CHUNK = 128  # positions per chunk when the planner chunks the loss

@@ -41,8 +41,9 @@ def probe(spec: dict[str, Any]) -> dict[str, Any]:
 
     from gpt2jax.config import GPT2Config, get_preset
     from gpt2jax.model import init_params
-    from gpt2jax.train.memory.build import MemorySettings, build
+    from gpt2jax.train.memory.build import build
     from gpt2jax.train.memory.planner import Candidate, Planner, memory_details, peak_bytes
+    from gpt2jax.train.settings import MemorySettings
     from gpt2jax.train.step import TrainState
 
     config = spec["config"]

@@ -1,0 +1,22 @@
+"""The one table of floating-point dtypes by name (flags, ``run.json``, model files), and which
+names each use accepts."""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+
+DTYPES: dict[str, np.dtype] = {
+    "float32": np.dtype(np.float32),
+    "bfloat16": np.dtype(ml_dtypes.bfloat16),
+    "float16": np.dtype(np.float16),
+}
+#: What stored weights may be (model directories, exports).
+STORAGE = ("float32", "bfloat16", "float16")
+#: What training computes and keeps its state in.
+TRAINING = ("float32", "bfloat16")
+
+
+def dtype(name: str) -> np.dtype:
+    """The dtype called ``name`` (a key of :data:`DTYPES`)."""
+    return DTYPES[name]

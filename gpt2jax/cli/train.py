@@ -1,8 +1,8 @@
 """``gpt2jax finetune`` and ``gpt2jax eval``: flags, registered by :mod:`gpt2jax.cli.main`.
 
 Every ``finetune`` flag defaults to None here so that the command can tell which ones were
-given: a new run fills the rest from :class:`gpt2jax.train.settings.TrainConfig`'s defaults, a resumed
-run from its ``run.json`` (and only the flags in ``TrainConfig.RESUMABLE`` may change then).
+given: a new run fills the rest from :class:`gpt2jax.train.settings.TrainConfig`'s defaults, a
+resumed run from its ``run.json`` (and only the flags in ``TrainConfig.RESUMABLE`` may change then).
 """
 
 from __future__ import annotations

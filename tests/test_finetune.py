@@ -163,7 +163,7 @@ def test_resume_with_more_steps_keeps_the_schedule_horizon(texts, tmp_path, caps
                  dropout=0.0, eval_every=0, sample_every=0, save_every=6)  # fmt: skip
     first = tmp_path / "first"
     finetune(first, cfg, show_progress=False)
-    assert read_run(str(first))[1].schedule_steps == 6  # a new run records its horizon
+    assert read_run(str(first))[1].schedule.schedule_steps == 6  # a new run records its horizon
     stretched, old = tmp_path / "stretched", tmp_path / "old"
     shutil.copytree(first, stretched)
     shutil.copytree(first, old)
@@ -187,7 +187,7 @@ def test_resume_with_more_steps_keeps_the_schedule_horizon(texts, tmp_path, caps
         want = [schedule(6)[k] for k in range(1, 7)]
         assert [got[k] for k in range(1, 7)] == pytest.approx(want, rel=1e-5)
         assert [got[k] for k in range(7, 11)] == pytest.approx([0.0] * 4, abs=1e-12)
-    assert read_run(str(old))[1].schedule_steps == 6
+    assert read_run(str(old))[1].schedule.schedule_steps == 6
 
     args = ["finetune", "--resume", str(stretched), "--steps", "10", "--schedule-steps", "10"]
     assert cli.main(args) == 0
@@ -197,7 +197,7 @@ def test_resume_with_more_steps_keeps_the_schedule_horizon(texts, tmp_path, caps
     want = [schedule(10)[k] for k in range(7, 11)]
     assert [got[k] for k in range(7, 11)] == pytest.approx(want, rel=1e-5)
     assert min(got[k] for k in range(7, 11)) > 0
-    assert read_run(str(stretched))[1].schedule_steps == 10
+    assert read_run(str(stretched))[1].schedule.schedule_steps == 10
 
 
 # -- non-finite loss --------------------------------------------------------------------------

@@ -1,10 +1,11 @@
 """The training step: pure, compiled once, data-parallel over devices with ``jax.pmap``.
 
 :func:`make_train_step` returns ``train_step(state, batch) -> (state, metrics)``, a pure function
-of a :class:`TrainState` and a batch of token windows whose loss and gradients match Hugging
-Face's ``GPT2LMHeadModel`` under ``torch.autograd`` (tested); memory options enter only through
-``loss_fn`` and the optimizer (:mod:`gpt2jax.train.memory.build`) and leave these maths
-unchanged. :class:`DataParallel` runs it on one device or many, on one host or several.
+of a :class:`TrainState` and a batch of token windows; its loss and gradients are Hugging Face's
+``GPT2LMHeadModel``'s (tested against ``torch.autograd``), and memory options, which enter only
+through ``loss_fn`` and the optimizer (:mod:`gpt2jax.train.memory.build`), leave them unchanged.
+:class:`DataParallel` runs it over this process's devices (several hosts:
+:func:`initialize_distributed`).
 """
 
 from __future__ import annotations

@@ -1,31 +1,9 @@
 """Hugging Face GPT-2 directories: export gpt2jax params to one, and import from one.
 
-Export writes what ``GPT2LMHeadModel.save_pretrained`` writes in transformers 5, so
-``from_pretrained`` loads it with no missing or unexpected weights:
-
-* ``config.json`` (:meth:`GPT2Config.to_hf_config` plus the weights' dtype) and
-  ``generation_config.json``;
-* ``model.safetensors`` (written here in pure numpy, :mod:`gpt2jax.formats.safetensors_io`) with
-  the ``GPT2LMHeadModel`` state-dict keys, ``transformer.`` + the ``hf`` column of
-  :mod:`gpt2jax.convert.mapping`. ``lm_head.weight`` is left out: it is tied to
-  ``transformer.wte.weight``, and transformers drops tied weights when saving and re-ties them
-  when loading. Above ``max_shard_size`` the tensors go into ``model-0000i-of-0000N.safetensors``
-  with a ``model.safetensors.index.json`` (total_size and total_parameters, as transformers 5
-  writes it), split as ``huggingface_hub.split_torch_state_dict_into_shards`` does (a new shard
-  when the next tensor would overflow; a bigger tensor alone), except that the shards keep the
-  stream's order;
-* or, with ``fmt="bin"``, ``pytorch_model.bin`` (``torch.save`` of a plain state dict);
-* ``vocab.json`` + ``merges.txt`` (byte-for-byte OpenAI's ``encoder.json`` + ``vocab.bpe``) and
-  ``tokenizer_config.json``, so ``AutoTokenizer`` works offline.
-
-The tensors are streamed one at a time from :func:`mapping.to_theirs` and cast one at a time, so
-exporting costs little memory beyond the params themselves.
-
-Import reads single or sharded safetensors, and ``.bin`` files only through
-``torch.load(weights_only=True)`` (:mod:`gpt2jax.formats.torch_bin`). It accepts the older key
-layouts: names without the ``transformer.`` prefix (``GPT2Model`` checkpoints, the original hub
-upload) and the ``attn.bias`` / ``attn.masked_bias`` causal-mask buffers, which are skipped by
-their exact names. ``lm_head.weight``, when present, must equal ``wte``: GPT-2 ties them.
+Export (:func:`export_hf`) writes what ``GPT2LMHeadModel.save_pretrained`` writes, so
+``from_pretrained`` and ``AutoTokenizer`` load it offline with no missing or unexpected weights;
+import (:func:`read_hf_dir`) reads safetensors, and ``.bin`` only through
+``torch.load(weights_only=True)``. Both go through the table in :mod:`gpt2jax.convert.mapping`.
 
 Run as a script from a checkout::
 
@@ -96,6 +74,26 @@ def export_hf(
             the weights are split into shards.
         on_rounding: called with each tensor's largest ``|stored - given|`` (what casting to
             ``dtype`` changed), measured on the tensor as it is cast, so without a second pass.
+
+    What is written, as ``GPT2LMHeadModel.save_pretrained`` writes it in transformers 5:
+
+    * ``config.json`` (:meth:`GPT2Config.to_hf_config` plus the weights' dtype) and
+      ``generation_config.json``;
+    * ``model.safetensors`` (written in pure numpy, :mod:`gpt2jax.formats.safetensors_io`) with
+      the ``GPT2LMHeadModel`` state-dict keys, ``transformer.`` + the ``hf`` column of
+      :mod:`gpt2jax.convert.mapping`. ``lm_head.weight`` is left out: it is tied to
+      ``transformer.wte.weight``, and transformers drops tied weights when saving and re-ties
+      them when loading. Above ``max_shard_size`` the tensors go into
+      ``model-0000i-of-0000N.safetensors`` with a ``model.safetensors.index.json`` (total_size
+      and total_parameters, as transformers 5 writes it), split as
+      ``huggingface_hub.split_torch_state_dict_into_shards`` does (:func:`plan_shards`), except
+      that the shards keep the stream's order;
+    * or, with ``fmt="bin"``, ``pytorch_model.bin`` (``torch.save`` of a plain state dict);
+    * ``vocab.json`` + ``merges.txt`` (byte-for-byte OpenAI's ``encoder.json`` + ``vocab.bpe``)
+      and ``tokenizer_config.json``, so ``AutoTokenizer`` works offline.
+
+    The tensors are streamed one at a time from :func:`mapping.to_theirs` and cast one at a
+    time, so exporting costs little memory beyond the params themselves.
     """
     if dtype not in STORAGE:
         raise Gpt2JaxError(f"export dtype {dtype!r} is not one of {', '.join(STORAGE)}")
@@ -244,6 +242,12 @@ def read_hf_dir(
     """Reads a Hugging Face GPT-2 directory into ``(config, params)`` (numpy, ``dtype``).
 
     Names and shapes are all checked against ``config.json`` before any weight is read.
+    Single or sharded safetensors are read, and ``.bin`` files only through
+    ``torch.load(weights_only=True)`` (:mod:`gpt2jax.formats.torch_bin`). The older key layouts
+    are accepted: names without the ``transformer.`` prefix (``GPT2Model`` checkpoints, the
+    original hub upload) and the ``attn.bias`` / ``attn.masked_bias`` causal-mask buffers, which
+    are skipped by their exact names. ``lm_head.weight``, when present, must equal ``wte``:
+    GPT-2 ties them.
     """
     path = os.fspath(path)
     config_path = os.path.join(path, "config.json")

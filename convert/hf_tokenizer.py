@@ -1,13 +1,10 @@
 """GPT-2's tokenizer files in OpenAI's and Hugging Face's naming, and between the two.
 
-OpenAI ships ``encoder.json`` (token -> id) and ``vocab.bpe`` (the merges, after a
-``#version: 0.2`` line). Hugging Face's ``GPT2Tokenizer`` reads the very same two files as
-``vocab.json`` and ``merges.txt`` (``transformers/models/gpt2/tokenization_gpt2.py``), and
-transformers 5 saves them folded into one ``tokenizer.json`` (``model.vocab``,
-``model.merges``). This module copies whichever a directory has into the names a destination
-needs, and, for a model directory that has none, rebuilds both files from tiktoken's ``gpt2``
-encoding (the merges are recovered by re-running BPE on each token, as tiktoken's
-``load.py``/``_educational.py`` describe the relation between merges and ranks).
+OpenAI's ``encoder.json`` + ``vocab.bpe`` are byte for byte Hugging Face's ``vocab.json`` +
+``merges.txt`` (transformers 5 also folds them into one ``tokenizer.json``). This module copies
+whichever a directory has into the names a destination needs (:func:`copy_tokenizer_files`), and
+rebuilds both from tiktoken's ``gpt2`` encoding for a directory that has none
+(:func:`bpe_files_from_ranks`).
 """
 
 from __future__ import annotations
@@ -34,7 +31,10 @@ def copy_tokenizer_files(
 ) -> tuple[str, ...]:
     """Writes the vocabulary and merges from ``src_dir`` into ``dst_dir`` as ``names``.
 
-    ``src_dir`` may hold them in OpenAI's naming, Hugging Face's, or only a ``tokenizer.json``.
+    ``src_dir`` may hold them in OpenAI's naming, Hugging Face's, or only a ``tokenizer.json``
+    (``model.vocab`` and ``model.merges``, as transformers 5 saves them; Hugging Face's
+    ``GPT2Tokenizer`` reads OpenAI's two files as ``vocab.json`` and ``merges.txt``,
+    ``transformers/models/gpt2/tokenization_gpt2.py``).
     Returns the names of the files used, empty when it has none of these.
     """
     src_dir = os.fspath(src_dir)
@@ -119,7 +119,9 @@ def bpe_files_from_ranks(ranks: dict[bytes, int]) -> tuple[dict[str, int], list[
     """``encoder.json`` contents and the merge list of a byte-level BPE given its ranks.
 
     The token of rank ``r`` was made by one merge; which one is found by running BPE on its
-    bytes with only the merges of rank < ``r``: it must stop at exactly two parts.
+    bytes with only the merges of rank < ``r``: it must stop at exactly two parts (the
+    relation between merges and ranks that tiktoken's ``load.py`` / ``_educational.py``
+    describe).
     """
     char = bytes_to_unicode()
 

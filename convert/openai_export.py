@@ -1,24 +1,9 @@
 """gpt2jax params -> an OpenAI-style TensorFlow checkpoint directory, with no TensorFlow.
 
-Writes what OpenAI's ``download_model.py`` fetches, except ``model.ckpt.meta``::
-
-    checkpoint                       model_checkpoint_path: "model.ckpt"
-    hparams.json                     n_vocab, n_ctx, n_embd, n_head, n_layer
-    model.ckpt.index                 the tensor bundle (gpt2jax.formats.tf_bundle.write_bundle),
-    model.ckpt.data-00000-of-00001   OpenAI's variable names and shapes, float32, in the order
-                                     TF's Saver writes them: byte-identical to TF's own files
-    encoder.json, vocab.bpe          the tokenizer
-
-``model.ckpt.meta`` is a serialized ``MetaGraphDef``: the whole TF graph (every op of the model
-and of the optimizer) as a protobuf, which cannot be written cleanly without TensorFlow, so it is
-left out. Nothing that restores these checkpoints needs it: OpenAI's
-``src/interactive_conditional_samples.py`` and ``generate_unconditional_samples.py`` build the
-graph in Python (``model.model``), then call ``tf.train.Saver().restore(sess,
-tf.train.latest_checkpoint(dir))``; gpt-2-simple's ``load_gpt2`` and ``finetune`` do the same
-(``tf.compat.v1.train.Saver(...)`` over the variables of the graph they built, then
-``saver.restore(sess, latest_checkpoint(...))``). ``latest_checkpoint`` reads the ``checkpoint``
-file and checks that ``model.ckpt.index`` exists, and ``Saver.restore`` reads only the index and
-data files. Only ``tf.train.import_meta_graph`` needs the ``.meta``, and neither tool calls it.
+Writes what OpenAI's ``download_model.py`` fetches (``checkpoint``, ``hparams.json``, the tensor
+bundle ``model.ckpt.index`` + ``model.ckpt.data-00000-of-00001`` byte-identical to TF's own, the
+tokenizer files) except ``model.ckpt.meta``, which neither OpenAI's scripts nor gpt-2-simple
+need (see :func:`export_openai`).
 
 Run as a script from a checkout::
 
@@ -64,7 +49,26 @@ def export_openai(
     The weights are stored in float32 (OpenAI's graph declares float32 variables, and
     ``Saver.restore`` does not cast). Tokenizer files come from ``tokenizer_dir`` (OpenAI or
     Hugging Face naming), else GPT-2's are rebuilt from tiktoken. The directory is written
-    atomically; an existing non-empty one is refused unless ``overwrite``.
+    atomically; an existing non-empty one is refused unless ``overwrite``::
+
+        checkpoint                       model_checkpoint_path: "model.ckpt"
+        hparams.json                     n_vocab, n_ctx, n_embd, n_head, n_layer
+        model.ckpt.index                 the tensor bundle (gpt2jax.formats.tf_bundle.write_bundle),
+        model.ckpt.data-00000-of-00001   OpenAI's variable names and shapes, float32, in the order
+                                         TF's Saver writes them: byte-identical to TF's own files
+        encoder.json, vocab.bpe          the tokenizer
+
+    ``model.ckpt.meta`` is a serialized ``MetaGraphDef``: the whole TF graph (every op of the
+    model and of the optimizer) as a protobuf, which cannot be written cleanly without
+    TensorFlow, so it is left out. Nothing that restores these checkpoints needs it: OpenAI's
+    ``src/interactive_conditional_samples.py`` and ``generate_unconditional_samples.py`` build
+    the graph in Python (``model.model``), then call ``tf.train.Saver().restore(sess,
+    tf.train.latest_checkpoint(dir))``; gpt-2-simple's ``load_gpt2`` and ``finetune`` do the
+    same (``tf.compat.v1.train.Saver(...)`` over the variables of the graph they built, then
+    ``saver.restore(sess, latest_checkpoint(...))``). ``latest_checkpoint`` reads the
+    ``checkpoint`` file and checks that ``model.ckpt.index`` exists, and ``Saver.restore`` reads
+    only the index and data files. Only ``tf.train.import_meta_graph`` needs the ``.meta``, and
+    neither tool calls it.
     """
     if config.layer_norm_epsilon != OPENAI_EPSILON:
         raise ConfigError(

@@ -1,17 +1,15 @@
 """gpt2jax: GPT-2 in pure JAX/Flax, from OpenAI's checkpoints to Hugging Face's format.
 
-Public API::
+Public API (every name in ``__all__`` is documented; README.md is the user guide)::
 
     import gpt2jax
     m = gpt2jax.load("ckpt/124M")                 # or an OpenAI checkpoint directory
     logits = m.logits(m.encode("Hello world"))    # (T, 50257) float32
     gpt2jax.GPT2(m.config).apply({"params": m.params}, ids)   # the plain Flax module
 
-Every name in ``__all__`` is documented. The rest of the library lives in its modules, each with
-the same care: :func:`gpt2jax.train.loop.finetune` (the training loop),
-:func:`gpt2jax.train.evaluate. evaluate`, :func:`gpt2jax.store.download.download`,
-:mod:`gpt2jax.train.memory.planner` (what fits in memory),
-:mod:`gpt2jax.generation.decoding` (the sampler's pure functions). README.md is the user guide.
+The rest lives in the subpackages (ARCHITECTURE.md): e.g. :func:`gpt2jax.train.loop.finetune`,
+:func:`gpt2jax.train.evaluate.evaluate`, :mod:`gpt2jax.train.memory.planner` (what fits in
+memory), :mod:`gpt2jax.generation.decoding` (the sampler's pure functions).
 """
 
 from gpt2jax.config import PRESETS, GPT2Config, get_preset

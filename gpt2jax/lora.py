@@ -1,30 +1,11 @@
 """LoRA: low-rank adapters on the attention and MLP projections, merged into the weights on export.
 
-Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models" (2021), and the ``peft``
-library's defaults: a frozen weight ``W`` gets a trained update ``scale * A @ B`` of rank ``r``,
-``scale = alpha / r``. Our ``Conv1D`` weights are ``(in, out)`` (``y = x @ W``), so here ``A`` is
-``(in, r)``, drawn like ``peft``'s (Kaiming-uniform, bound ``1 / sqrt(in)``), and ``B`` is
-``(r, out)``, zero: training starts exactly at the base model (the tests check it). The paper's
-``A`` and ``B`` are these transposed.
-
-Adapter tree (stacked over layers like the base tree, so the layer scan slices them too)::
-
-    h/attn/c_attn/{lora_a (L, C, r), lora_b (L, r, 3C)}   h/attn/c_proj/{... (L, C, r), (L, r, C)}
-    h/mlp/c_fc/{... (L, C, r), (L, r, 4C)}                 h/mlp/c_proj/{... (L, 4C, r), (L, r, C)}
-
-**How the adapters are applied, and why that way.** The base ``GPT2`` module is unchanged: the
-adapter leaves are inserted next to ``w``/``b`` in the parameter tree given to ``apply`` (Flax
-ignores leaves a module does not ask for, and ``nn.scan`` slices them per layer with the rest),
-and a Flax method interceptor (``nn.intercept_methods``) adds ``scale * (x @ A) @ B`` to the
-output of every adapted ``Conv1D``. That is ``x @ (W + scale * A @ B)``, the merged weight,
-computed *per layer inside the layer scan*: no merged copy of the model ever exists, and since
-``W`` is a constant of the loss, autodiff never forms ``dL/dW`` (an ``(in, out)`` matmul per
-projection; merging ``W + scale * A @ B`` explicitly would need it, to push it on to ``A`` and
-``B``). Memory for the adapters' gradients and optimizer state is ``O(L r (in + out))``; the frozen
-base needs no gradient and no optimizer state at all.
-
-:func:`merge_lora` folds the adapters into the weights for export (``W + scale * A @ B``, kept
-in float32): the result is an ordinary parameter tree that every other command uses.
+Hu et al., "LoRA" (2021), with the ``peft`` library's defaults: a frozen weight ``W`` gets a
+trained update ``scale * A @ B`` of rank ``r`` that starts at zero (:func:`init_lora`). The base
+``GPT2`` module is unchanged: an interceptor adds the adapters' output inside the layer scan
+(:func:`applied`), so no merged copy of the model exists and the frozen base needs no gradient;
+:func:`merge_lora` folds them into an ordinary parameter tree for export. Only the maths here:
+LoRA runs on disk belong to :mod:`gpt2jax.store.runs` and :mod:`gpt2jax.loader`.
 """
 
 from __future__ import annotations
@@ -52,7 +33,17 @@ A, B = "lora_a", "lora_b"
 
 
 def init_lora(config: GPT2Config, rank: int, seed: int = 0, dtype: Any = jnp.float32) -> dict:
-    """Fresh adapters of ``rank``: ``A`` Kaiming-uniform, ``B`` zero (so they change nothing)."""
+    """Fresh adapters of ``rank``: ``A`` Kaiming-uniform, ``B`` zero (so they change nothing).
+
+    ``scale = alpha / r`` (:func:`lora_scale`). Our ``Conv1D`` weights are ``(in, out)`` (``y = x
+    @ W``), so here ``A`` is ``(in, r)``, drawn like ``peft``'s (Kaiming-uniform, bound ``1 /
+    sqrt(in)``), and ``B`` is ``(r, out)``, zero: training starts exactly at the base model (the
+    tests check it). The paper's ``A`` and ``B`` are these transposed. The adapter tree is
+    stacked over layers like the base tree, so the layer scan slices them too::
+
+        h/attn/c_attn/{lora_a (L, C, r), lora_b (L, r, 3C)}   h/attn/c_proj/{(L, C, r), (L, r, C)}
+        h/mlp/c_fc/{(L, C, r), (L, r, 4C)}                     h/mlp/c_proj/{(L, 4C, r), (L, r, C)}
+    """
     if rank <= 0:
         raise ConfigError(f"--lora-rank must be > 0, got {rank}")
     C, L = config.n_embd, config.n_layer
@@ -86,7 +77,18 @@ def insert(params: Any, lora: Any) -> dict:
 @contextlib.contextmanager
 def applied(scale: float) -> Iterator[None]:
     """Within this context, every ``Conv1D`` that finds adapters in its parameters adds
-    ``scale * (x @ A) @ B`` (in the module's compute dtype) to its output."""
+    ``scale * (x @ A) @ B`` (in the module's compute dtype) to its output.
+
+    Why this way: the adapter leaves are inserted next to ``w``/``b`` in the parameter tree given
+    to ``apply`` (:func:`insert`; Flax ignores leaves a module does not ask for, and ``nn.scan``
+    slices them per layer with the rest), and a Flax method interceptor
+    (``nn.intercept_methods``) adds the term above to every adapted ``Conv1D``. That is ``x @ (W
+    + scale * A @ B)``, the merged weight, computed *per layer inside the layer scan*: no merged
+    copy of the model ever exists, and since ``W`` is a constant of the loss, autodiff never
+    forms ``dL/dW`` (an ``(in, out)`` matmul per projection; merging ``W + scale * A @ B``
+    explicitly would need it, to push it on to ``A`` and ``B``). Memory for the adapters'
+    gradients and optimizer state is ``O(L r (in + out))``; the frozen base needs no gradient
+    and no optimizer state at all."""
 
     def interceptor(next_fun, args, kwargs, context):
         module = context.module

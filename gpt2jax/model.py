@@ -1,37 +1,11 @@
 """GPT-2 in Flax, exactly as OpenAI released it.
 
-Follows OpenAI's ``src/model.py`` (openai/gpt-2): learned token and position embeddings, pre-LN
-transformer blocks (LayerNorm with biased variance and epsilon 1e-5, causal multi-head attention,
-tanh-approximate GELU MLP), a final LayerNorm, and the LM head tied to ``wte``. Hugging Face's
-``GPT2LMHeadModel`` computes the same function; the tests check ours against it.
-
-Parameter tree (OpenAI's names, leaves ``g``/``b``/``w`` as in OpenAI's checkpoints)::
-
-    wte (V, C)   wpe (n_ctx, C)   ln_f/{g, b} (C,)
-    h/ln_1/{g, b}            (L, C)
-    h/attn/c_attn/{w, b}     (L, C, 3C), (L, 3C)
-    h/attn/c_proj/{w, b}     (L, C, C),  (L, C)
-    h/ln_2/{g, b}            (L, C)
-    h/mlp/c_fc/{w, b}        (L, C, 4C), (L, 4C)
-    h/mlp/c_proj/{w, b}      (L, 4C, C), (L, C)
-
-Design choices, measured (numbers in ``BENCHMARKS.md``):
-
-* **Layers are scanned** (``nn.scan``): the ``L`` blocks share one traced body, their parameters
-  are stacked on a leading axis. Compiling a training step of the 48-layer 1558M model takes a
-  few seconds this way instead of growing with the depth. ``scan_unroll`` unrolls the loop (up to
-  ``n_layer``, i.e. fully) where a backend runs the unrolled form faster, e.g. small-batch
-  decoding; the parameter tree is the same either way.
-* **Rematerialisation** is a per-block policy (``remat``): ``"none"`` keeps activations,
-  ``"block"`` keeps only each block's input and recomputes the rest in the backward pass,
-  ``"dots"`` keeps the matmul outputs and recomputes the cheap elementwise work.
-* **KV cache**: a :class:`KVCache` of shape ``(L, B, H, S, D)`` is passed in and returned, so
-  decoding is a pure function a ``lax.while_loop`` can carry. Keys and values for the new tokens
-  are written at ``cache_index``; queries attend to cache slots at or before their own slot and
-  allowed by ``mask`` (left padding of batched prompts is masked out there).
-* **Mixed precision**: parameters stay in whatever dtype they are stored in and are cast to the
-  compute ``dtype`` where they are used; LayerNorm statistics, attention softmax and logits are
-  computed in float32.
+Follows OpenAI's ``src/model.py`` (openai/gpt-2) with OpenAI's parameter names: learned token
+and position embeddings, pre-LN transformer blocks (LayerNorm with biased variance and epsilon
+1e-5, causal multi-head attention, tanh-approximate GELU MLP), a final LayerNorm, and the LM head
+tied to ``wte``. Hugging Face's ``GPT2LMHeadModel`` computes the same function; the tests check
+ours against it. The parameter tree and the design choices (scanned layers, remat, KV cache,
+mixed precision) are described on :class:`GPT2`.
 """
 
 from __future__ import annotations
@@ -237,8 +211,36 @@ class GPT2(nn.Module):
         config: the model's shape.
         dtype: compute dtype (float32 or bfloat16); parameters are cast to it where used.
         param_dtype: dtype of parameters created by ``init``.
-        remat: ``"none"``, ``"block"`` or ``"dots"`` (see the module docstring).
+        remat: ``"none"``, ``"block"`` or ``"dots"`` (below).
         scan_unroll: how many layers each iteration of the layer scan runs (1 = fully scanned).
+
+    Parameter tree (OpenAI's names, leaves ``g``/``b``/``w`` as in OpenAI's checkpoints)::
+
+        wte (V, C)   wpe (n_ctx, C)   ln_f/{g, b} (C,)
+        h/ln_1/{g, b}            (L, C)
+        h/attn/c_attn/{w, b}     (L, C, 3C), (L, 3C)
+        h/attn/c_proj/{w, b}     (L, C, C),  (L, C)
+        h/ln_2/{g, b}            (L, C)
+        h/mlp/c_fc/{w, b}        (L, C, 4C), (L, 4C)
+        h/mlp/c_proj/{w, b}      (L, 4C, C), (L, C)
+
+    Design choices (measurements in ``BENCHMARKS.md``):
+
+    * **Layers are scanned** (``nn.scan``): the ``L`` blocks share one traced body, their
+      parameters are stacked on a leading axis. Compiling a training step of the 48-layer 1558M
+      model then takes seconds instead of growing with the depth. ``scan_unroll`` unrolls the
+      loop (up to ``n_layer``, i.e. fully) where a backend runs the unrolled form faster, e.g.
+      small-batch decoding; the parameter tree is the same either way.
+    * **Rematerialisation** is a per-block policy (``remat``): ``"none"`` keeps activations,
+      ``"block"`` keeps only each block's input and recomputes the rest in the backward pass,
+      ``"dots"`` keeps the matmul outputs and recomputes the cheap elementwise work.
+    * **KV cache**: a :class:`KVCache` of shape ``(L, B, H, S, D)`` is passed in and returned, so
+      decoding is a pure function a ``lax.while_loop`` can carry. Keys and values for the new
+      tokens are written at ``cache_index``; queries attend to cache slots at or before their
+      own slot and allowed by ``mask`` (left padding of batched prompts is masked out there).
+    * **Mixed precision**: parameters stay in whatever dtype they are stored in and are cast to
+      the compute ``dtype`` where they are used; LayerNorm statistics, attention softmax and
+      logits are computed in float32.
     """
 
     config: GPT2Config

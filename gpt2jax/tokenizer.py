@@ -3,11 +3,6 @@
 Built from a checkpoint's own ``encoder.json`` + ``vocab.bpe`` when the directory has them (fully
 offline), else from ``tiktoken.get_encoding("gpt2")`` (which downloads once, or reads
 ``TIKTOKEN_CACHE_DIR``). Both give the same encoding; the tests check it.
-
-The two files are read the way OpenAI's ``encoder.py`` defines them: ``vocab.bpe`` lists merges
-in priority order over a printable stand-in alphabet for the 256 bytes, and ``encoder.json`` maps
-each token, in that alphabet, to its id. tiktoken needs each token's bytes and rank, and GPT-2's
-ids are exactly those ranks, which we check.
 """
 
 from __future__ import annotations
@@ -43,6 +38,13 @@ def _byte_alphabet() -> dict[str, int]:
 
 
 def _ranks_from_files(encoder_json: str, vocab_bpe: str) -> dict[bytes, int]:
+    """tiktoken's ``{token bytes: rank}`` from OpenAI's two tokenizer files.
+
+    The files are read the way OpenAI's ``encoder.py`` defines them: ``vocab.bpe`` lists merges
+    in priority order over a printable stand-in alphabet for the 256 bytes, and ``encoder.json``
+    maps each token, in that alphabet, to its id. tiktoken needs each token's bytes and rank,
+    and GPT-2's ids are exactly those ranks, which is checked here.
+    """
     alphabet = _byte_alphabet()
 
     def to_bytes(token: str, path: str) -> bytes:

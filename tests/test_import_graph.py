@@ -7,11 +7,14 @@ the package root ``gpt2jax`` (its ``__init__``, which imports what it re-exports
 implicit import of a parent package that Python performs first is not counted, and neither is the
 body of an ``if __name__ == "__main__":`` block: it runs only when the file is run as a program
 (``python convert/hf.py``), as the module ``__main__``, never when the module is imported.
+
+The same walk checks that every module's docstring is short and holds no measurements.
 """
 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -160,3 +163,46 @@ def test_every_subpackage_is_installed():
     )
     on_disk = {name for name, path in modules().items() if path.stem == "__init__"}
     assert on_disk == listed
+
+
+#: A module's docstring says what it is and why in a few lines (a file-format layout may take a
+#: few more); design detail belongs in the docstring of the function it concerns, structure in
+#: ARCHITECTURE.md, measurements in BENCHMARKS.md with the command that produced them.
+MAX_MODULE_DOCSTRING_LINES = 12
+#: What a measurement or a version note looks like: times, sizes, speeds, "2x faster", "jax 0.10".
+MEASUREMENT = re.compile(
+    r"\d(\.\d+)?\s?(ms|GB|GiB|MB|MiB|tok/s)\b|\d\.\d+\s?s\b|\d(\.\d+)?x (faster|slower)\b"
+    r"|\b(jax|jaxlib|torch|flax|optax|orbax) \d+\.\d+"
+)
+
+
+def docstring_problems(doc: str | None) -> list[str]:
+    """What is wrong with a module docstring (literals in double backquotes, such as a command's
+    ``--memory 16GB``, are not prose and not checked for measurements)."""
+    if not doc:
+        return ["no module docstring"]
+    problems = []
+    lines = doc.strip().splitlines()
+    if len(lines) > MAX_MODULE_DOCSTRING_LINES:
+        problems.append(f"{len(lines)} lines (at most {MAX_MODULE_DOCSTRING_LINES})")
+    found = MEASUREMENT.search(re.sub(r"``.*?``", "", doc, flags=re.S))
+    if found:
+        problems.append(f"{found.group(0)!r}: measurements belong in BENCHMARKS.md")
+    return problems
+
+
+def test_module_docstrings_are_short_and_hold_no_measurements():
+    problems = [
+        f"{name}: {problem}"
+        for name, path in modules().items()
+        for problem in docstring_problems(ast.get_docstring(ast.parse(path.read_text())))
+    ]
+    assert not problems, "module docstrings:\n  " + "\n  ".join(problems)
+
+
+def test_docstring_check_can_fail():
+    assert docstring_problems(None) == ["no module docstring"]
+    assert docstring_problems("A.\n" + "more\n" * MAX_MODULE_DOCSTRING_LINES)
+    for note in ("0.88 s vs 1.21 s", "6.2 GB more", "20 ms a row", "2x faster", "jax 0.10"):
+        assert docstring_problems(f"What it is.\n\nWhy: {note}."), note
+    assert not docstring_problems("Reads ``--memory 16GB``.\n\n8 bytes, 50257 ids, eps 1e-5.")

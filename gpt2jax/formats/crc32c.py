@@ -1,26 +1,10 @@
 """CRC-32C (Castagnoli) in pure numpy, fast enough for multi-gigabyte checkpoints.
 
 TensorFlow checksums every tensor of a tensor bundle, and every block of its index table, with
-CRC-32C (``tensorflow/core/lib/hash/crc32c.h``, the same code as LevelDB's ``util/crc32c``), and
-stores the value *masked* (:func:`mask`). This module computes it with no compiled dependency.
-
-How it is fast in numpy. A CRC with the init/final inversions peeled off is linear over GF(2):
-``L_n`` -- "feed n zero bytes to a state" -- is a 32x32 bit matrix, and feeding a little-endian
-32-bit word ``w`` to a state ``s`` gives ``L_4(s ^ w)``. So for a message of ``m * C`` words laid
-out as ``m`` rows of ``C`` words (row-major, i.e. just the buffer reshaped):
-
-* lane ``j`` runs ``a_j <- L_{4C}(a_j) ^ row[r, j]`` down its column -- the words it sees are
-  ``4C`` bytes apart -- and all ``C`` lanes step together as one numpy op on a contiguous row;
-* then neighbouring lanes are merged pairwise, ``L_{4d}(left) ^ right`` with ``d`` = 1, 2, 4, ...
-  words (the same "shift by length" step as zlib's ``crc32_combine``), and a last ``L_4``.
-
-Each ``L_n`` is applied as two lookups in 65536-entry tables (low and high 16 bits of the state),
-built once per ``n`` from the operator's 32 basis images (cached: at most 17 pairs, ~9 MB). The
-last few hundred bytes, and short buffers, go through a plain bytewise loop.
+CRC-32C (``tensorflow/core/lib/hash/crc32c.h``, LevelDB's ``util/crc32c``) and stores it masked
+(:func:`mask`). :func:`crc32c` uses the optional C package ``google_crc32c`` when importable, else
+:func:`crc32c_numpy` (lane-parallel, no compiled dependency; the two must agree);
 :func:`crc32c_bytewise` is the slow textbook reference the tests compare to.
-
-If the optional package ``google_crc32c`` (a C implementation) is importable, :func:`crc32c`
-uses it; :func:`crc32c_numpy` is always the numpy path, and the two must agree.
 """
 
 from __future__ import annotations
@@ -198,6 +182,22 @@ def crc32c_numpy(data: BufferLike, crc: int = 0) -> int:
 
     ``data`` may be bytes, bytearray, a contiguous memoryview, or any ndarray (its C-order bytes,
     e.g. a ``np.memmap`` slice). ``crc32c_numpy(b, crc32c_numpy(a)) == crc32c_numpy(a + b)``.
+
+    How it is fast in numpy. A CRC with the init/final inversions peeled off is linear over
+    GF(2): ``L_n`` -- "feed n zero bytes to a state" -- is a 32x32 bit matrix, and feeding a
+    little-endian 32-bit word ``w`` to a state ``s`` gives ``L_4(s ^ w)``. So for a message of
+    ``m * C`` words laid out as ``m`` rows of ``C`` words (row-major, i.e. just the buffer
+    reshaped):
+
+    * lane ``j`` runs ``a_j <- L_{4C}(a_j) ^ row[r, j]`` down its column -- the words it sees are
+      ``4C`` bytes apart -- and all ``C`` lanes step together as one numpy op on a contiguous row;
+    * then neighbouring lanes are merged pairwise, ``L_{4d}(left) ^ right`` with ``d`` = 1, 2, 4,
+      ... words (the same "shift by length" step as zlib's ``crc32_combine``), and a last ``L_4``.
+
+    Each ``L_n`` is applied as two lookups in 65536-entry tables (low and high 16 bits of the
+    state), built once per ``n`` from the operator's 32 basis images (cached: at most 17 pairs of
+    uint32[65536], about 9 MB). The last few hundred bytes, and short buffers, go through a plain
+    bytewise loop.
     """
     u8 = _as_u8(data)
     return _update(u8, (crc & _U32) ^ _U32) ^ _U32

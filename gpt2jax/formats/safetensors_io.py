@@ -1,24 +1,14 @@
 """Read and write the safetensors format in pure numpy (no torch, no ``safetensors`` package).
 
-Follows the format as specified in huggingface/safetensors (``README.md``, "Format", and the
-checks of ``safetensors/src/tensor.rs``)::
+The format, as huggingface/safetensors specifies it (``README.md`` "Format", ``src/tensor.rs``)::
 
-    8 bytes       N, the header's length, unsigned little-endian
-    N bytes       a UTF-8 JSON object: {"__metadata__": {str: str}, (optional)
-                                        name: {"dtype": "F32", "shape": [2, 3],
-                                               "data_offsets": [begin, end]}, ...}
-                  padded with spaces (the reference writer pads to a multiple of 8)
-    rest          the tensors' bytes, C order, little-endian; offsets count from here
+    8 bytes   N, the header's length, unsigned little-endian
+    N bytes   UTF-8 JSON {"__metadata__": {str: str} (optional), name: {"dtype": "F32",
+              "shape": [2, 3], "data_offsets": [begin, end]}, ...}, padded with spaces
+    rest      the tensors' bytes, C order, little-endian; offsets count from here
 
-Reading memory-maps the file and checks everything a hostile or truncated file could get wrong
-before handing out a single array: the header length against the file size, the JSON, every
-dtype, shape and offset pair, that the tensors tile the data section exactly (contiguous, in
-bounds, no overlap, no trailing bytes) and that each span is ``prod(shape) * itemsize`` bytes.
-Any problem is a :class:`~gpt2jax.errors.CheckpointError` naming the file.
-
-Writing takes the header up front (names, dtypes, shapes: all known before any weight is
-computed) and then the tensors one at a time from any iterable, so a model is never held twice;
-the file is written under a temporary name and renamed into place when complete.
+Reading (:class:`SafetensorsFile`) checks all of it before handing out an array; writing
+(:func:`write_file`) streams the tensors one at a time, so a model is never held twice.
 """
 
 from __future__ import annotations
@@ -82,6 +72,12 @@ class SafetensorsFile:
 
     ``get(name)`` returns a read-only numpy view into the map (no copy; pages are read on
     first touch). The map stays open while any such view is alive.
+
+    Opening checks everything a hostile or truncated file could get wrong before handing out a
+    single array: the header length against the file size, the JSON, every dtype, shape and
+    offset pair, that the tensors tile the data section exactly (contiguous, in bounds, no
+    overlap, no trailing bytes) and that each span is ``prod(shape) * itemsize`` bytes. Any
+    problem is a :class:`~gpt2jax.errors.CheckpointError` naming the file.
     """
 
     def __init__(self, path: str | os.PathLike) -> None:
@@ -245,6 +241,10 @@ def write_file(
     ``specs`` lists ``(name, dtype, shape)`` in file order; ``tensors`` (any iterable, typically
     a generator) must yield exactly those names in that order, each array with that dtype and
     shape. The file appears at ``path`` only once complete.
+
+    The header is written up front (names, dtypes, shapes: all known before any weight is
+    computed), then each tensor as it arrives, so a model is never held twice; the file is
+    written under a temporary name and renamed into place when complete.
     """
     path = os.fspath(path)
     header = encode_header(specs, metadata)

@@ -1,31 +1,10 @@
 """Read and write TensorFlow "tensor bundle" checkpoints (TF1 ``Saver`` V2, TF2) without TF.
 
-A bundle with prefix ``P`` is ``P.index`` plus data shards ``P.data-00000-of-0000N``. This module
-follows, and was checked against, TensorFlow's own writer and reader:
-
-* ``tensorflow/core/util/tensor_bundle/tensor_bundle.cc`` and ``tensor_bundle.proto``: the index
-  maps each tensor name to a ``BundleEntryProto`` (dtype, shape, shard_id, offset, size, masked
-  CRC-32C of the raw tensor bytes, slices); the empty key ``""`` holds the ``BundleHeaderProto``
-  (num_shards, endianness, version). A tensor's bytes are its C-order, little-endian element
-  bytes at ``[offset, offset + size)`` of its shard.
-* ``tensorflow/core/lib/io/{format,block,block_builder,table_builder}.cc``: the index file is a
-  LevelDB-style SSTable. Data blocks hold sorted, prefix-compressed entries
-  (``varint32 shared, varint32 unshared, varint32 value_len, key_delta, value``) followed by the
-  restart array (``uint32[num_restarts]``, ``uint32 num_restarts``); every block is followed by a
-  5-byte trailer (1 compression byte, masked CRC-32C of the block plus that byte). An index block
-  (restart interval 1) maps a separator key per data block to its ``BlockHandle``
-  (``varint64 offset, varint64 size``); a metaindex block (empty in TF) comes before it. The file
-  ends with a 48-byte footer: two block handles padded to 40 bytes, then the magic number
-  ``0xdb4775248b80fb57`` as two little-endian uint32 (low half first).
-
-The protobufs are decoded by hand with a minimal wire-format reader (no ``protobuf`` dependency).
-Every problem with the files is a :class:`~gpt2jax.errors.CheckpointError` whose one-line message
-names the file; sizes and shapes from the index are checked against the real file sizes before
-anything is allocated, so a hostile index cannot make the reader allocate terabytes.
-
-Not supported (a clear ``CheckpointError`` "unsupported: ..."): string and variant tensors,
-partitioned (sliced) variables, big-endian bundles, Snappy-compressed index blocks (TF never
-writes them for bundles).
+A bundle with prefix ``P`` is ``P.index``, a LevelDB-style table mapping each tensor name to its
+dtype, shape, shard, offset, size and CRC-32C, plus data shards ``P.data-00000-of-0000N``. Both
+directions follow TensorFlow's own ``tensor_bundle.cc`` and ``core/lib/io`` table code and were
+checked against them; the protobufs are decoded by hand (no ``protobuf`` dependency), and every
+problem with the files is a one-line :class:`~gpt2jax.errors.CheckpointError` naming the file.
 """
 
 from __future__ import annotations
@@ -352,7 +331,18 @@ def _block_entries(block: bytes) -> Iterator[tuple[bytes, bytes]]:
 
 
 def _read_table(data: bytes) -> list[tuple[bytes, bytes]]:
-    """All ``(key, value)`` records of an SSTable, in stored order, every block CRC-checked."""
+    """All ``(key, value)`` records of an SSTable, in stored order, every block CRC-checked.
+
+    The table (``tensorflow/core/lib/io/{format,block,block_builder,table_builder}.cc``): data
+    blocks hold sorted, prefix-compressed entries (``varint32 shared, varint32 unshared, varint32
+    value_len, key_delta, value``) followed by the restart array (``uint32[num_restarts]``,
+    ``uint32 num_restarts``); every block is followed by a 5-byte trailer (1 compression byte,
+    masked CRC-32C of the block plus that byte). An index block (restart interval 1) maps a
+    separator key per data block to its ``BlockHandle`` (``varint64 offset, varint64 size``); a
+    metaindex block (empty in TF) comes before it. The file ends with a 48-byte footer: two block
+    handles padded to 40 bytes, then the magic number ``0xdb4775248b80fb57`` as two little-endian
+    uint32 (low half first).
+    """
     if len(data) < _FOOTER_SIZE:
         raise _Malformed(f"shorter than the {_FOOTER_SIZE}-byte table footer")
     footer = data[-_FOOTER_SIZE:]
@@ -525,6 +515,18 @@ class BundleReader:
     :meth:`read` returns a fresh, writable, C-contiguous array that owns its memory (no reference
     to the file remains), in the stored little-endian dtype and shape. Use as a context manager or
     call :meth:`close` to release the mapped files.
+
+    The format (``tensorflow/core/util/tensor_bundle/tensor_bundle.cc`` and
+    ``tensor_bundle.proto``): the index maps each tensor name to a ``BundleEntryProto`` (dtype,
+    shape, shard_id, offset, size, masked CRC-32C of the raw tensor bytes, slices); the empty key
+    ``""`` holds the ``BundleHeaderProto`` (num_shards, endianness, version). A tensor's bytes are
+    its C-order, little-endian element bytes at ``[offset, offset + size)`` of its shard. Sizes and
+    shapes from the index are checked against the real file sizes before anything is allocated,
+    so a hostile index cannot make the reader allocate terabytes.
+
+    Not supported (a clear ``CheckpointError`` "unsupported: ..."): string and variant tensors,
+    partitioned (sliced) variables, big-endian bundles, Snappy-compressed index blocks (TF never
+    writes them for bundles).
     """
 
     def __init__(self, prefix: str | os.PathLike) -> None:

@@ -1,33 +1,10 @@
 """Compiled KV-cache decoding: one prefill pass, then a ``lax.while_loop`` that samples a token
 per iteration. Pure functions over ``(config, params, left-padded token ids)``.
 
-The layout follows the usual left-padded batch decoding (as Hugging Face's ``generate`` does it
-with an ``attention_mask``): row ``b`` of a batch has ``pad[b]`` padding slots, then its prompt,
-so every row's newest token sits in the same cache slot and one ``dynamic_update_slice`` writes
-the whole batch. Each row gets its own positions (``slot - pad[b]``) and a key mask that hides
-its padding, so a row decodes exactly as it would alone.
-
-Why the layers are not the model's ``nn.scan`` here (measured on a 2-core CPU, 124M shapes,
-batch 1): a scanned layer's weights are a slice of the stacked ``(L, ...)`` parameter, and XLA
-copies that slice before every matmul, so each decoding step moved every weight three times
-and ran at half the memory-bandwidth bound. :func:`layer_params` splits the stack once, outside
-the compiled code (without copying, where the arrays allow it), and :func:`forward_layers` runs
-the model's own :class:`~gpt2jax.model.Block` once per layer on its own buffers. The KV cache is
-likewise one ``(k, v)`` pair of ``(B, H, S, D)`` buffers per layer, updated in place by the loop.
-Decoding is one ``(B, 1)`` step per token with attention over all ``S`` cache slots (masked),
-so the cache length is a compile-time shape; :mod:`gpt2jax.generation.host` rounds it up to buckets.
-
-Sampling randomness is per row: row ``b``'s ``n``-th new token uses ``fold_in(keys[b], n)``,
-so a sample does not depend on the batch it was generated in, its padding or the cache length.
-
-What XLA's CPU backend (jax 0.10) does with the weight matmuls, measured: with one row and
-float32 weights, its own matrix-vector code streams the weights at the memory bandwidth; with
-two rows or more it calls YNNPACK, whose float32 kernels at 2-8 rows run at about half the
-bandwidth (compute-bound; 8 rows still take only ~2x one row's time). 16-bit weights are read
-without conversion only by YNNPACK (bf16 x bf16 -> f32, two rows or more), which repacks each
-weight on every call: at 1-2 rows a bfloat16 step is no faster than a float32 one (XLA's own
-code, at one row, converts every weight to float32 first, 2x slower still), while at batch 8
-bfloat16 is about 2x faster than float32 (these ratios: the 124M weight matmuls alone).
+Rows are left-padded so every row's newest token sits in the same cache slot, and each row
+decodes exactly as it would alone (:func:`generate_tokens`). The layers run one by one on
+per-layer weights and caches (:func:`layer_params`), not through the model's ``nn.scan``, whose
+stacked weights XLA copies a slice of before every matmul.
 """
 
 from __future__ import annotations
@@ -50,6 +27,13 @@ LayerCache = tuple[tuple[Array, Array], ...]  # per layer: k, v, each (B, H, S, 
 
 def layer_params(params: dict) -> dict:
     """The parameter tree with ``h`` split into a tuple of per-layer trees, for decoding.
+
+    Why decoding does not use the model's ``nn.scan``: a scanned layer's weights are a slice of
+    the stacked ``(L, ...)`` parameter, and XLA copies that slice before every matmul, so each
+    decoding step moved every weight several times over (measured on a CPU: BENCHMARKS.md,
+    Generation). The stack is split once here, outside the compiled code, and
+    :func:`forward_layers` runs the model's own :class:`~gpt2jax.model.Block` once per layer on
+    its own buffers; the KV cache is likewise one ``(k, v)`` pair per layer (:func:`empty_cache`).
 
     On the CPU the layers are views of the stacked arrays (no copy when the stacked array is
     64-byte aligned, as JAX's own buffers are); elsewhere, and under ``jit``, each layer is
@@ -77,6 +61,10 @@ def empty_cache(
     config: GPT2Config, batch: int, length: int, dtype: Any = jnp.float32
 ) -> LayerCache:
     """Zeroed keys and values for ``length`` slots: per layer ``(B, H, S, D)`` each.
+
+    The decoding loop updates these buffers in place. Each step feeds ``(B, 1)`` tokens and
+    attends over all ``S`` slots (masked), so the cache length is a compile-time shape, which
+    :mod:`gpt2jax.generation.host` rounds up to buckets.
 
     Decoding keeps the cache in float32 whatever the compute dtype: attention then runs in
     float32 (the model attends in the cache's dtype), which on a CPU is also the fast choice.
@@ -257,7 +245,11 @@ decode_jit = jax.jit(
 
 
 def row_keys(seed: int, ids: Any) -> Array:
-    """Per-row PRNG keys ``(B, 2)``: ``fold_in(PRNGKey(seed), ids[b])`` for sample ids ``ids``."""
+    """Per-row PRNG keys ``(B, 2)``: ``fold_in(PRNGKey(seed), ids[b])`` for sample ids ``ids``.
+
+    Row ``b``'s ``n``-th new token then uses ``fold_in(keys[b], n)``, so a sample does not
+    depend on the batch it was generated in, its padding or the cache length.
+    """
     ids = jnp.asarray(ids, jnp.uint32)
     return jax.vmap(jax.random.fold_in, (None, 0))(jax.random.PRNGKey(seed), ids)
 
@@ -280,6 +272,12 @@ def generate_tokens(
     dtype: Any = jnp.float32,
 ) -> tuple[Array, Array]:
     """Samples up to ``max_new_tokens`` after left-padded prompts, all in one compiled call.
+
+    The layout is the usual left-padded batch decoding (as Hugging Face's ``generate`` does it
+    with an ``attention_mask``): row ``b`` has ``pad[b]`` padding slots, then its prompt, so
+    every row's newest token sits in the same cache slot and one ``dynamic_update_slice``
+    writes the whole batch. Each row gets its own positions (``slot - pad[b]``) and a key mask
+    that hides its padding, so a row decodes exactly as it would alone.
 
     Args:
         config: the model's shape.

@@ -6,27 +6,8 @@
     out = gpt2jax.generate(m, "The meaning of life is", max_new_tokens=50, top_k=40, seed=1)
     print(out[0].text)
 
-Prompts are tokenized, grouped into batches of ``batch_size`` rows (``num_samples`` rows per
-prompt; a short last batch is filled with copies of one of its rows), left-padded to a common
-length and run through :mod:`gpt2jax.generation.decoding`: one prefill pass, then a compiled
-``while_loop`` that stops as soon as every row is done. Each row's result is what generating
-it alone would give, and sample ``(prompt i, sample j)`` draws the same random numbers
-whatever its batch, so the same seed gives the same text (up to float rounding differences
-between batch shapes, which can flip a near-tie).
-
-**Compilations.** Shapes are rounded up to buckets: the prompt length to a power of two (at
-least 16, at most ``n_ctx``) and the cache length (prompt bucket + new tokens) to a multiple
-of 64. One run compiles two programs: the prefill, per (batch size, prompt bucket, cache
-bucket), and the decoding loop, per (batch size, cache bucket, greedy or not, ``top_k``,
-top-p on or off, compute dtype). A later call whose prompt falls in the same bucket, or that
-changes only the seed, temperature, ``top_p`` or the prompts' text, reuses both (timings:
-BENCHMARKS.md).
-
-**Streaming.** With ``on_token`` (or ``stop`` strings, which are checked on the host) the
-loop runs in chunks of :data:`STREAM_CHUNK` tokens; the cache stays on the device between
-chunks (the state is donated to the next call), so a chunk costs one dispatch and one copy
-of the new token ids to the host (``scripts/bench_generate.py`` compares it with one call). A
-host callback inside the loop (``jax.debug.callback``), would sync with the host every token.
+The host side: prompts, batches, length buckets (so compilations are reused) and streaming;
+the compiled loop is :mod:`gpt2jax.generation.decoding`.
 """
 
 from __future__ import annotations
@@ -114,7 +95,30 @@ def generate(
     on_token: OnToken | None = None,
     show_progress: bool = False,
 ) -> list[Generation]:
-    """Samples continuations of ``prompts`` (see the module docstring for how).
+    """Samples continuations of ``prompts``.
+
+    Prompts are tokenized, grouped into batches of ``batch_size`` rows (``num_samples`` rows per
+    prompt; a short last batch is filled with copies of one of its rows), left-padded to a
+    common length and run through :mod:`gpt2jax.generation.decoding`: one prefill pass, then a
+    compiled ``while_loop`` that stops as soon as every row is done. Each row's result is what
+    generating it alone would give, and sample ``(prompt i, sample j)`` draws the same random
+    numbers whatever its batch, so the same seed gives the same text (up to float rounding
+    differences between batch shapes, which can flip a near-tie).
+
+    **Compilations.** Shapes are rounded up to buckets: the prompt length to a power of two (at
+    least 16, at most ``n_ctx``, :func:`prompt_bucket`) and the cache length (prompt bucket +
+    new tokens) to a multiple of 64 (:func:`cache_bucket`). One run compiles two programs: the
+    prefill, per (batch size, prompt bucket, cache bucket), and the decoding loop, per (batch
+    size, cache bucket, greedy or not, ``top_k``, top-p on or off, compute dtype). A later call
+    whose prompt falls in the same bucket, or that changes only the seed, temperature,
+    ``top_p`` or the prompts' text, reuses both (timings: BENCHMARKS.md).
+
+    **Streaming.** With ``on_token`` (or ``stop`` strings, which are checked on the host) the
+    loop runs in chunks of :data:`STREAM_CHUNK` tokens; the cache stays on the device between
+    chunks (the state is donated to the next call), so a chunk costs one dispatch and one copy
+    of the new token ids to the host (``scripts/bench_generate.py`` compares it with one call).
+    A host callback inside the loop (``jax.debug.callback``) would sync with the host every
+    token.
 
     Args:
         model: a :class:`~gpt2jax.loader.Pretrained` (``gpt2jax.load``); its params are

@@ -1,21 +1,9 @@
 """Next-token sampling: temperature, top-k and top-p (nucleus) filtering, greedy choice.
 
-Small pure functions over logits ``(..., V)``, composed in the order Hugging Face's
-``generate`` applies its logits warpers (``TemperatureLogitsWarper``, ``TopKLogitsWarper``,
-``TopPLogitsWarper``) and with the same meaning: top-k keeps the ``k`` largest logits, top-p
-(Holtzman et al. 2019, "The Curious Case of Neural Text Degeneration") keeps the smallest set
-of most likely tokens whose probability reaches ``p``. A filtered-out token gets ``-inf``.
-
-Ties are decided by value, never by token id, so the result does not depend on how a sort
-orders equal logits: every token tied with the k-th largest logit survives top-k, and top-p
-keeps every token tied with the last one it needs.
-
-Nothing here sorts the vocabulary: on a CPU ``jnp.sort`` over GPT-2's 50257 logits takes about
-20 ms a row, longer than a whole decoding step of the 124M model. Top-k uses ``lax.top_k`` (0.1
-ms a row), top-p finds its threshold by bisection over the bits of a float32 logit (32 passes of
-compare-and-sum), and the token is drawn by inverting the cumulative distribution, in two levels
-(chunks of 256 tokens, then one chunk), from one uniform number per row, where
-``jax.random.categorical`` draws a Gumbel number for every vocabulary entry (4 ms a row).
+Small pure functions over logits ``(..., V)`` with the meaning and order of Hugging Face's logits
+warpers; a filtered-out token gets ``-inf``. Ties are decided by value, never by token id, and
+nothing sorts the vocabulary (on a CPU a sort costs more than a decoding step; see
+:class:`Sampler`).
 """
 
 from __future__ import annotations
@@ -128,6 +116,22 @@ class Sampler(flax.struct.PyTreeNode):
     ``temperature`` and ``top_p`` are traced values: changing them does not recompile.
     ``top_k`` (0 = off), ``greedy`` and ``nucleus`` (whether top-p runs at all) shape the
     compiled program and are static. Build one with :meth:`make`.
+
+    The filters run in the order Hugging Face's ``generate`` applies its logits warpers
+    (``TemperatureLogitsWarper``, ``TopKLogitsWarper``, ``TopPLogitsWarper``) and mean the
+    same: top-k keeps the ``k`` largest logits, top-p (Holtzman et al. 2019, "The Curious Case
+    of Neural Text Degeneration") the smallest set of most likely tokens whose probability
+    reaches ``p``. Ties are decided by value, never by token id, so the result does not depend
+    on how a sort orders equal logits: every token tied with the k-th largest logit survives
+    top-k, and top-p keeps every token tied with the last one it needs.
+
+    Nothing here sorts the vocabulary: on a CPU ``jnp.sort`` over GPT-2's 50257 logits takes
+    longer than a whole decoding step of the 124M model (BENCHMARKS.md, Generation). Top-k uses
+    ``lax.top_k``, top-p finds its threshold by bisection over the bits of a float32 logit (32
+    passes of compare-and-sum, :func:`top_p_filter`), and the token is drawn by inverting the
+    cumulative distribution in two levels from one uniform number per row
+    (:func:`sample_categorical`), where ``jax.random.categorical`` draws a Gumbel number for
+    every vocabulary entry.
     """
 
     temperature: Array | float = 1.0

@@ -1,22 +1,8 @@
 """``gpt2jax download``: OpenAI's GPT-2 checkpoints from their published location, resumably.
 
-OpenAI's ``download_model.py`` (github.com/openai/gpt-2) fetches seven files per size from
-``https://openaipublic.blob.core.windows.net/gpt-2/models/<size>/<file>``. This does the same with
-the standard library only, plus what a multi-gigabyte download over a flaky link needs:
-
-- A file is written to ``<file>.part`` and renamed into place only once its length matches the
-  server's ``Content-Length``, so a killed download never leaves a truncated file that looks whole.
-- An interrupted file is resumed with an HTTP ``Range`` request; a server that ignores ``Range``
-  (answers 200) or cannot satisfy it (416) makes the file start over.
-- A dropped connection, a socket timeout, a short body or a 5xx answer is retried, resuming, until
-  :data:`MAX_STALLS` tries in a row have added no byte; then the error names the file.
-- ``<dir>/.complete`` records each finished file's length, so a complete directory is recognised
-  without any network request. A file already present but not recorded (copied by hand, say) is
-  checked by resuming it: one request, no bytes when it is whole.
-
-The first request that cannot reach the host fails at once with a one-line hint (offline? set
-``GPT2JAX_BASE_URL`` to a mirror). File names are fixed and the size must be one of
-:data:`gpt2jax.config.PRESETS`, so nothing the server sends chooses where a file is written.
+The seven files per size that OpenAI's ``download_model.py`` (github.com/openai/gpt-2) fetches,
+with the standard library only, plus what a multi-gigabyte download over a flaky link needs:
+resuming, retrying, and never leaving a truncated file that looks whole (see :func:`download`).
 """
 
 from __future__ import annotations
@@ -105,6 +91,25 @@ def download(
 
     Files already complete are skipped; a partial file is resumed. Raises
     :class:`~gpt2jax.errors.Gpt2JaxError` with one line naming the URL or host on failure.
+
+    Each file comes from ``<base_url>/<size>/<file>``, as OpenAI's ``download_model.py`` fetches
+    it from ``https://openaipublic.blob.core.windows.net/gpt-2/models``, and:
+
+    - is written to ``<file>.part`` and renamed into place only once its length matches the
+      server's ``Content-Length``, so a killed download never leaves a truncated file that looks
+      whole;
+    - when interrupted, is resumed with an HTTP ``Range`` request; a server that ignores
+      ``Range`` (answers 200) or cannot satisfy it (416) makes the file start over;
+    - after a dropped connection, a socket timeout, a short body or a 5xx answer, is retried,
+      resuming, until :data:`MAX_STALLS` tries in a row have added no byte; then the error names
+      the file;
+    - once finished, is recorded with its length in ``<dir>/.complete``, so a complete directory
+      is recognised without any network request. A file already present but not recorded
+      (copied by hand, say) is checked by resuming it: one request, no bytes when it is whole.
+
+    The first request that cannot reach the host fails at once with a one-line hint (offline?
+    set ``GPT2JAX_BASE_URL`` to a mirror). File names are fixed and the size must be one of
+    :data:`gpt2jax.config.PRESETS`, so nothing the server sends chooses where a file is written.
     """
     sizes = [sizes] if isinstance(sizes, str) else list(sizes)
     for size in sizes:

@@ -1,6 +1,6 @@
 """gpt2jax model directories: what ``gpt2jax convert`` writes and :func:`gpt2jax.load` reads.
 
-Layout::
+Layout (written atomically, :mod:`gpt2jax.store.atomic`)::
 
     ckpt/124M/
       config.json          {"format": "gpt2jax", "format_version": 1, "config": {...},
@@ -8,9 +8,6 @@ Layout::
       params/              the parameter tree, saved with orbax-checkpoint
       encoder.json         the tokenizer files (copied from the source, when it had them)
       vocab.bpe
-
-A directory is written under a temporary name and renamed into place at the end, so a failed
-or killed conversion never leaves a half-written model where a good one is expected.
 """
 
 from __future__ import annotations

@@ -3,23 +3,12 @@
 Layout::
 
     runs/poems/
-      run.json            {"format": "gpt2jax-run", "format_version": 1,
-                           "config": {model shape}, "train": {every TrainConfig field}, ...}
-      encoder.json        the tokenizer files, copied from the starting model
-      vocab.bpe
-      checkpoints/<step>/ orbax CheckpointManager steps: params/ (the same format as a model
-                          directory's params/), opt_state/, meta/ (step, data position, RNG)
-      metrics.jsonl       one JSON object per step and per evaluation
-      samples.txt         text sampled every --sample-every steps
-      loss.png            the loss curve, written at the end (needs matplotlib)
-
-``run.json`` holds everything the run depends on, so ``gpt2jax finetune --resume RUN`` needs no
-other flag; ``checkpoint.detect`` calls such a directory ``"run"`` and :func:`latest_params`
-finds what ``gpt2jax.load`` restores from it: the newest checkpoint's parameters.
-
-Checkpoints are saved asynchronously by orbax, which writes each step under a temporary name and
-renames it when complete: a run killed at any moment (even mid-save) leaves only complete
-checkpoints, and the next ``CheckpointManager`` removes the leftovers.
+      run.json               {"format": "gpt2jax-run", "format_version": 1, "config": {model
+                              shape}, "train": {every TrainConfig field}, ...}: all a resume needs
+      encoder.json vocab.bpe the tokenizer files, copied from the starting model
+      checkpoints/<step>/    params/ (as in a model directory), opt_state/, meta/ (Checkpoints)
+      metrics.jsonl          one JSON object per step and per evaluation
+      samples.txt loss.png   text sampled every --sample-every steps; the loss curve
 """
 
 from __future__ import annotations
@@ -322,7 +311,11 @@ def _reason(e: BaseException) -> str:
 
 
 def latest_step(path: str) -> int:
-    """The step of the newest complete checkpoint of the run in ``path``."""
+    """The step of the newest complete checkpoint of the run in ``path``.
+
+    :func:`gpt2jax.loader.describe` calls a directory with ``run.json`` a ``"run"``, and
+    :func:`gpt2jax.loader.load` restores this step's parameters from it (:func:`restore_params`).
+    """
     ckpt_dir = os.path.join(path, CHECKPOINTS)
     # orbax renames a step's directory to its bare number only once it is complete
     steps = [int(n) for n in os.listdir(ckpt_dir) if n.isdigit()] if os.path.isdir(ckpt_dir) else []

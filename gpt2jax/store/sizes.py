@@ -1,11 +1,8 @@
 """Size names as model paths: ``gpt2jax.load("355M")`` and ``gpt2jax finetune 355M ...``.
 
-:func:`resolve_model` turns a name into a directory: an existing path is used as it is; one of
-OpenAI's sizes (:data:`gpt2jax.config.PRESETS`) means the download cache, ``<models_root>/<size>``
-(see :func:`gpt2jax.store.download.models_root`), downloaded first if it is not complete there. The
-OpenAI directory is read directly (``gpt2jax.load`` converts it in memory); ``gpt2jax download
---convert`` also writes a gpt2jax model directory ``<size>-gpt2jax`` beside it, which is then
-preferred because it loads without conversion.
+One of OpenAI's sizes (:data:`gpt2jax.config.PRESETS`) names the download cache,
+``<models_root>/<size>`` (:func:`gpt2jax.store.download.models_root`), downloaded first if it
+is not complete there; see :func:`resolve_model`.
 """
 
 from __future__ import annotations
@@ -31,6 +28,11 @@ def resolve_model(name_or_path: str | os.PathLike, *, progress: bool = True) -> 
     An existing path wins over a size name (a local folder called ``124M`` is used as it is).
     A complete cached size costs no network request. Anything else raises
     :class:`~gpt2jax.errors.CheckpointError`.
+
+    The OpenAI directory is read directly (``gpt2jax.load`` converts it in memory);
+    ``gpt2jax download --convert`` also writes a gpt2jax model directory ``<size>-gpt2jax``
+    beside it (:func:`converted_dir`), which is then preferred because it loads without
+    conversion.
     """
     path = os.fspath(name_or_path)
     if os.path.exists(os.path.expanduser(path)):

@@ -1,21 +1,9 @@
 """Batches of token windows: a seeded order that is a pure function of ``(seed, step)``.
 
-Training (:class:`WindowSampler`) goes through the token stream in *epochs*. Each epoch cuts
-the stream into ``W = (N - 1) // T`` windows of ``T + 1`` tokens (``T`` inputs, the same shifted
-by one as targets) with stride ``T``, starting at a random offset in ``[0, N - 1 - W*T]`` (so that
-window edges move between epochs), and visits them in a random permutation. Both come from
-``numpy.random.default_rng([seed, epoch])``. Batch ``step`` holds samples
-``step * B .. step * B + B - 1`` of that endless sequence, so any batch can be recomputed from
-``(seed, step)`` alone: resuming from a checkpoint at step ``k`` continues with exactly the batches
-an uninterrupted run would have seen. :meth:`WindowSampler.state` is the small dict that
-checkpoints record about it.
-
-Evaluation (:func:`eval_windows`) covers a token stream with consecutive non-overlapping
-windows, every token after the first predicted exactly once; the last, shorter window is padded
-and its padding weighted 0.
-
-:class:`Prefetcher` computes the next batches on a background thread and puts them on the
-devices while the current step runs, so the host never stalls the accelerator.
+Any training batch can be recomputed from ``(seed, step)`` alone, so a run resumed at step ``k``
+sees exactly the batches an uninterrupted run would have (:class:`WindowSampler`).
+:func:`eval_windows` covers a stream once for evaluation, and :class:`Prefetcher` prepares the
+next batches on a background thread so the host never stalls the accelerator.
 """
 
 from __future__ import annotations
@@ -31,7 +19,16 @@ from gpt2jax.errors import DataError
 
 
 class WindowSampler:
-    """Random windows of ``seq_len + 1`` tokens, ``batch_size`` per step, from ``tokens``."""
+    """Random windows of ``seq_len + 1`` tokens, ``batch_size`` per step, from ``tokens``.
+
+    The token stream is gone through in *epochs*. Each epoch cuts it into ``W = (N - 1) // T``
+    windows of ``T + 1`` tokens (``T`` inputs, the same shifted by one as targets) with stride
+    ``T``, starting at a random offset in ``[0, N - 1 - W*T]`` (so that window edges move between
+    epochs), and visits them in a random permutation. Both come from
+    ``numpy.random.default_rng([seed, epoch])``. Batch ``step`` holds samples ``step * B ..
+    step * B + B - 1`` of that endless sequence, so any batch can be recomputed from ``(seed,
+    step)`` alone. :meth:`state` is the small dict that checkpoints record about it.
+    """
 
     def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int) -> None:
         n = len(tokens)
@@ -91,6 +88,7 @@ def eval_windows(tokens: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarr
     """``(windows (N, T+1) int32, weights (N, T) float32)`` covering ``tokens`` once.
 
     Window ``k`` is ``tokens[k*T : k*T + T + 1]``; the last is zero-padded with weight 0 there.
+    Consecutive and non-overlapping: every token after the first is predicted exactly once.
     """
     n = len(tokens)
     if n < 2:

@@ -1,37 +1,9 @@
 """Training text -> one cached, memory-mapped array of GPT-2 token ids.
 
-What is read (``load_tokens(specs, tokenizer)``):
-
-* a file: ``.csv`` is one document per row (the ``column`` given, or the only column, or one
-  named ``text``; Python's ``csv`` module, header row required), ``.jsonl`` / ``.ndjson`` one
-  document per line (the string ``field``, default ``text``), anything else is one plain-text
-  document per file (``.txt``);
-* a directory: every ``.txt`` file under it, recursively, in sorted order;
-* a glob pattern (``data/*.txt``, ``**`` allowed), in sorted order; several of these together.
-
-Text is UTF-8 (a leading byte-order mark is dropped). Undecodable bytes are replaced with
-U+FFFD as Python's ``errors="replace"`` does; how many were replaced is counted per file and
-logged. A file with a NUL byte in its first 8 KiB, or mostly undecodable, is refused as binary.
-
-The token stream follows nanoGPT's ``openwebtext/prepare.py``: every non-empty document's tokens
-followed by ``<|endoftext|>`` (50256). A literal ``<|endoftext|>`` in the text is that token too,
-as gpt-2-simple users write it to separate documents inside one file.
-
-Tokenizing happens once: the ids are written as raw little-endian uint16 (GPT-2's 50257 ids fit)
-to ``<cache>/<key>.tokens`` plus ``<key>.json``, both written under temporary names and renamed
-into place, so a killed run never leaves a truncated cache that looks complete. ``key`` is a
-SHA-256 of every input file's bytes (in order), the reader options and the tokenizer, so a changed
-file is re-tokenized and an unchanged one never is. The cache directory is ``cache_dir`` if given,
-else ``$GPT2JAX_CACHE/tokens``, else ``$XDG_CACHE_HOME/gpt2jax/tokens`` (``~/.cache/...``).
-
-Long documents are encoded in pieces of about a megabyte, cut only where GPT-2's pre-tokenizer
-splits anyway (between a non-space and a single whitespace character that precedes a non-space;
-see :func:`safe_split`), so the ids are exactly those of encoding the whole document at once;
-tiktoken releases the GIL, so the pieces are encoded on several threads.
-
-Validation: :func:`split_tail` holds out the last fraction of the token stream (a tail, not a
-random set of documents, so that a single long text still gets a validation set and no window
-straddles training and validation data).
+:func:`load_tokens` reads files (plain text, ``.csv``, ``.jsonl``), directories and globs, and
+joins the documents as nanoGPT's ``openwebtext/prepare.py`` does (each followed by
+``<|endoftext|>``). It tokenizes once: the ids are cached under a hash of the inputs, the reader
+options and the tokenizer, so a changed file is re-tokenized and an unchanged one never is.
 """
 
 from __future__ import annotations
@@ -182,7 +154,35 @@ def load_tokens(
     cache_dir: str | os.PathLike | None = None,
     show_progress: bool = True,
 ) -> TokenData:
-    """Tokenizes ``specs`` (files, directories, globs) once, reusing the cache when it can."""
+    """Tokenizes ``specs`` (files, directories, globs) once, reusing the cache when it can.
+
+    What is read:
+
+    * a file: ``.csv`` is one document per row (the ``column`` given, or the only column, or one
+      named ``text``; Python's ``csv`` module, header row required), ``.jsonl`` / ``.ndjson`` one
+      document per line (the string ``field``, default ``text``), anything else is one
+      plain-text document per file (``.txt``);
+    * a directory: every ``.txt`` file under it, recursively, in sorted order;
+    * a glob pattern (``data/*.txt``, ``**`` allowed), in sorted order; several of these together.
+
+    Text is UTF-8 (a leading byte-order mark is dropped). Undecodable bytes are replaced with
+    U+FFFD as Python's ``errors="replace"`` does; how many were replaced is counted per file and
+    logged. A file with a NUL byte in its first 8 KiB, or mostly undecodable, is refused as
+    binary.
+
+    The token stream follows nanoGPT's ``openwebtext/prepare.py``: every non-empty document's
+    tokens followed by ``<|endoftext|>`` (50256). A literal ``<|endoftext|>`` in the text is that
+    token too, as gpt-2-simple users write it to separate documents inside one file. Long
+    documents are encoded in pieces of about a megabyte, cut only where GPT-2's pre-tokenizer
+    splits anyway (:func:`safe_split`), so the ids are exactly those of encoding the whole
+    document at once; tiktoken releases the GIL, so the pieces are encoded on several threads.
+
+    The ids are written as raw little-endian uint16 (GPT-2's 50257 ids fit) to
+    ``<cache>/<key>.tokens`` plus ``<key>.json``, both under temporary names renamed into place,
+    so a killed run never leaves a truncated cache that looks complete. ``key`` is a SHA-256 of
+    every input file's bytes (in order), the reader options and the tokenizer. The cache
+    directory is ``cache_dir`` if given, else :func:`default_cache_dir`.
+    """
     files = resolve_paths(specs)
     cache_dir = os.fspath(cache_dir) if cache_dir is not None else default_cache_dir()
     infos = [_inspect(path) for path in files]
@@ -220,7 +220,11 @@ def load_tokens(
 
 
 def split_tail(tokens: np.ndarray, fraction: float) -> tuple[np.ndarray, np.ndarray]:
-    """``(train, val)``: the last ``fraction`` of the token stream is held out for validation."""
+    """``(train, val)``: the last ``fraction`` of the token stream is held out for validation.
+
+    A tail, not a random set of documents, so that a single long text still gets a validation
+    set and no window straddles training and validation data.
+    """
     if not 0.0 <= fraction < 1.0:
         raise DataError(f"--val-fraction must be in [0, 1), got {fraction}")
     n_val = int(len(tokens) * fraction)

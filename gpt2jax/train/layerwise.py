@@ -1,29 +1,9 @@
 """Applying the optimizer one layer at a time, in place: the update never exists whole.
 
-``tx.update`` followed by ``optax.apply_updates`` materialises the whole update tree, and XLA
-keeps several full-size intermediates of each leaf alive while it computes it (for Adafactor on
-the stacked ``(48, 1600, 6400)`` MLP weights of 1558M, three 2 GB buffers at once: about 6 GiB
-on top of the parameters and gradients, measured with the compiled step's memory analysis).
-:class:`Layerwise` runs ``tx`` inside a ``lax.fori_loop`` over the layer axis of the stacked
-block parameters ``h/...``: each iteration slices one layer's gradients, optimizer state and
-parameters, updates them and writes them back with ``dynamic_update_slice`` into the loop's
-carry, which XLA updates in place (and, with the train state donated, in the input buffers).
-The optimizer's temporaries are then one layer's worth (40 MB for 1558M). The other leaves
-(``wte``, ``wpe``, ``ln_f``) are updated whole.
-
-The maths is ``tx`` applied to each layer's slice: for AdamW and SGD (elementwise) exactly
-``tx`` on the whole tree; for Adafactor its per-tensor statistics (update clipping by RMS,
-relative step size by the parameter's RMS) are per weight matrix, as in Shazeer & Stern (2018)
-and in unstacked implementations, instead of per stack of 48 matrices. Clipping to a global
-norm, which needs every gradient, happens here before the loop (``clip``; ``tx`` must not clip).
-
-Freezing (:mod:`gpt2jax.train.memory.freeze`): ``frozen`` names top-level leaves (``wte``...) that
-get no optimizer state and never change; ``trainable_layers`` ``(L,)`` bool leaves the other layers'
-parameters and state untouched (their state is still allocated: the layers share arrays).
-
-Parameters stored in bfloat16 are updated in float32 and stochastically rounded back
-(:func:`gpt2jax.train.memory.precision.dithered_round`), so updates smaller than bfloat16's
-resolution survive on average.
+``tx.update`` plus ``optax.apply_updates`` materialises the whole update tree, with several
+full-size temporaries per leaf. :class:`Layerwise` runs ``tx`` in a ``lax.fori_loop`` over the
+layer axis of the stacked block parameters, so the optimizer's temporaries are one layer's
+worth; it also keeps frozen parameters unchanged and rounds bfloat16 parameters stochastically.
 """
 
 from __future__ import annotations
@@ -48,7 +28,31 @@ class LayerwiseState(NamedTuple):
 
 
 class Layerwise:
-    """``tx`` applied layer by layer in place (see the module docstring).
+    """``tx`` applied layer by layer in place.
+
+    ``tx.update`` followed by ``optax.apply_updates`` materialises the whole update tree, and XLA
+    keeps several full-size intermediates of each leaf alive while it computes it (for Adafactor
+    on the stacked ``(48, 1600, 6400)`` MLP weights of 1558M, several 2 GB buffers at once:
+    BENCHMARKS.md). This runs ``tx`` inside a ``lax.fori_loop`` over the layer axis of the
+    stacked block parameters ``h/...``: each iteration slices one layer's gradients, optimizer
+    state and parameters, updates them and writes them back with ``dynamic_update_slice`` into
+    the loop's carry, which XLA updates in place (and, with the train state donated, in the input
+    buffers). The optimizer's temporaries are then one layer's worth (a 1600 x 6400 float32
+    matrix, 41 MB, for 1558M). The other leaves (``wte``, ``wpe``, ``ln_f``) are updated whole.
+
+    The maths is ``tx`` applied to each layer's slice: for AdamW and SGD (elementwise) exactly
+    ``tx`` on the whole tree; for Adafactor its per-tensor statistics (update clipping by RMS,
+    relative step size by the parameter's RMS) are per weight matrix, as in Shazeer & Stern
+    (2018) and in unstacked implementations, instead of per stack of 48 matrices. Clipping to a
+    global norm, which needs every gradient, happens here before the loop (``clip``; ``tx`` must
+    not clip).
+
+    Freezing (:mod:`gpt2jax.train.memory.freeze`): ``frozen`` names top-level leaves (``wte``...)
+    that get no optimizer state and never change; ``trainable_layers`` ``(L,)`` bool leaves the
+    other layers' parameters and state untouched (their state is still allocated: the layers
+    share arrays). Parameters stored in bfloat16 are updated in float32 and stochastically
+    rounded back (:func:`gpt2jax.train.memory.precision.dithered_round`), so updates smaller than
+    bfloat16's resolution survive on average.
 
     Like an optax transformation it has ``init(params) -> state``; instead of ``update`` it has
     :meth:`apply`, which returns the new parameters themselves. :func:`apply_optimizer` calls

@@ -1,23 +1,10 @@
 """The fine-tuning loop behind ``gpt2jax finetune``: ``finetune(out, TrainConfig(...))``.
 
-One run: tokenize the data once (:mod:`gpt2jax.train.data`), build the model, optimizer and loss
-from the run's memory settings (:mod:`gpt2jax.train.memory.build`: remat, dtypes, optimizer state,
-chunked loss, LoRA, freezing), compile the step, pmapped (:mod:`gpt2jax.train.step`) or sharded with
-``--parallel fsdp`` (:mod:`gpt2jax.train.sharding`), then loop. The loop
-never waits for the device just to log: it dispatches step ``k`` and then reads step ``k - 1``'s
-metrics, which are ready by then, so the device always has the next step queued; batches are
-prepared on a background thread (:class:`gpt2jax.train.batches.Prefetcher`).
-
-Every ``save_every`` steps, at the end, and on Ctrl-C / SIGTERM, the params, optimizer state,
-step, data position and RNG are checkpointed (asynchronously; :mod:`gpt2jax.store.runs`); a LoRA run
-checkpoints its adapters, and loads as the base model with them merged in. Because the
-batches and the dropout keys are pure functions of ``(seed, step)``, ``finetune(out,
-resume=True)`` continues exactly: N steps straight give bitwise the parameters of N/2 steps,
-a resume, and N/2 more (float32 on CPU; the tests check it).
-
-A NaN or infinite loss stops the run with :class:`NonFiniteLossError`, which names the step and
-the last good checkpoint (nothing is saved after the bad step); with ``skip_nonfinite`` such
-updates are skipped instead and counted.
+One run: tokenize the data once (:mod:`gpt2jax.train.data`), build the model, optimizer and
+loss from the memory settings (:mod:`gpt2jax.train.memory.build`), compile the step
+(:mod:`gpt2jax.train.step`, or :mod:`gpt2jax.train.sharding` with ``--parallel fsdp``), then
+loop, checkpointing into the run directory (:mod:`gpt2jax.store.runs`). Batches and dropout keys
+are pure functions of ``(seed, step)``, so a resumed run continues exactly (see :func:`finetune`).
 """
 
 from __future__ import annotations
@@ -115,6 +102,23 @@ def finetune(
             ``steps``).
         cache_dir: where tokenized data is cached (default
         :func:`gpt2jax.train.data.default_cache_dir`). show_progress: progress bars on stderr.
+
+    The loop never waits for the device just to log: it dispatches step ``k`` and then reads
+    step ``k - 1``'s metrics, which are ready by then, so the device always has the next step
+    queued; batches are prepared on a background thread
+    (:class:`gpt2jax.train.batches.Prefetcher`).
+
+    Every ``save_every`` steps, at the end, and on Ctrl-C / SIGTERM, the params, optimizer
+    state, step, data position and RNG are checkpointed (asynchronously;
+    :class:`gpt2jax.store.runs.Checkpoints`); a LoRA run checkpoints its adapters, and loads as
+    the base model with them merged in. Because the batches and the dropout keys are pure
+    functions of ``(seed, step)``, ``finetune(out, resume=True)`` continues exactly: N steps
+    straight give bitwise the parameters of N/2 steps, a resume, and N/2 more (float32 on CPU;
+    the tests check it).
+
+    A NaN or infinite loss stops the run with :class:`NonFiniteLossError`, which names the step
+    and the last good checkpoint (nothing is saved after the bad step); with ``skip_nonfinite``
+    such updates are skipped instead and counted.
     """
     initialize_distributed()
     return_freed_memory()
@@ -615,9 +619,9 @@ def _due(step: int, every: int) -> bool:
 def return_freed_memory() -> None:
     """On the CPU under glibc, makes every allocation of 1 MiB or more its own mapping, returned
     to the system when freed (by default glibc raises that threshold as big buffers are freed
-    and keeps what is freed below it resident). Measured on a 355M run: 4.84 -> 4.77 GB peak;
-    the whole-run figures in BENCHMARKS.md were taken with it. The cost is a page fault per
-    page of each new buffer."""
+    and keeps what is freed below it resident). What it saves is measured in BENCHMARKS.md
+    (whole-run memory), whose whole-run figures were taken with it. The cost is a page fault
+    per page of each new buffer."""
     if jax.default_backend() != "cpu" or not sys.platform.startswith("linux"):
         return
     try:

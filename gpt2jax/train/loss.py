@@ -1,21 +1,8 @@
 """The language-modelling loss, optionally chunked so the full logits never exist at once.
 
-The plain loss computes logits ``(B, T, V)`` in float32 and their cross-entropy: for GPT-2's
-vocabulary of 50257 at ``B x T = 1024`` tokens that is 206 MB of logits, as much again for
-their gradient, and the softmax's intermediates besides (XLA keeps about four such buffers alive
-in the backward pass). :func:`chunked_token_losses` computes the same numbers ``chunk`` positions
-of the sequence at a time: a ``lax.map`` over chunks of the final hidden states whose body (tied
-LM head, float32 log-softmax, the target's log-probability) is wrapped in ``jax.checkpoint``, so
-the forward pass keeps only the hidden states and the backward pass recomputes one chunk's
-logits, turns them into that chunk's gradient, and moves on. Peak logits memory is then
-``B x chunk x V x 4`` bytes (a few times over) instead of ``B x T x V x 4``; the cost is one
-more LM-head matmul (``2 B T C V`` FLOPs, about 2% of a 1558M step). This is the "chunked
-cross-entropy" of e.g. Liger-Kernel's fused linear cross-entropy, written with JAX's own
-rematerialisation.
-
-The two are the same function: the tests check loss and every gradient (float32, relative
-1e-5) against the plain loss (:func:`token_losses` with ``loss_chunk=0``), which itself is
-Hugging Face's ``GPT2LMHeadModel`` loss.
+The plain loss is Hugging Face's ``GPT2LMHeadModel`` loss; :func:`chunked_token_losses`
+computes the same numbers a chunk of positions at a time under ``jax.checkpoint`` ("chunked
+cross-entropy"), trading one more LM-head matmul for holding one chunk's logits instead of all.
 """
 
 from __future__ import annotations
@@ -43,8 +30,22 @@ def chunked_token_losses(
     targets: jax.Array,  # (B, T) int
     chunk: int,
 ) -> jax.Array:  # (B, T) float32
-    """Cross-entropy of every position, ``chunk`` positions of the sequence at a time (see the
-    module docstring).
+    """Cross-entropy of every position, ``chunk`` positions of the sequence at a time.
+
+    The plain loss computes logits ``(B, T, V)`` in float32 and their cross-entropy: for GPT-2's
+    vocabulary of 50257 at ``B x T = 1024`` tokens that is 206 MB of logits, as much again for
+    their gradient, and the softmax's intermediates besides (XLA keeps several such buffers
+    alive in the backward pass). This computes the same numbers ``chunk`` positions at a time: a
+    ``lax.map`` over chunks of the final hidden states whose body (tied LM head, float32
+    log-softmax, the target's log-probability) is wrapped in ``jax.checkpoint``, so the forward
+    pass keeps only the hidden states and the backward pass recomputes one chunk's logits, turns
+    them into that chunk's gradient, and moves on. Peak logits memory is then ``B x chunk x V x
+    4`` bytes (a few times over) instead of ``B x T x V x 4``; the cost is one more LM-head
+    matmul (``2 B T C V`` FLOPs, about 2% of a 1558M step's FLOPs). This is the "chunked
+    cross-entropy" of e.g. Liger-Kernel's fused linear cross-entropy, written with JAX's own
+    rematerialisation. The tests check loss and every gradient (float32, relative 1e-5)
+    against the plain loss (:func:`make_token_losses` with ``loss_chunk=0``), which itself is
+    Hugging Face's ``GPT2LMHeadModel`` loss.
 
     The sequence is padded to a multiple of ``chunk`` (padding predicts token 0 and is cut off
     again, so it adds nothing to the loss or the gradient). The batch axis stays whole in every

@@ -1,37 +1,10 @@
 """Optimizers and learning-rate schedules for fine-tuning (optax).
 
-* ``adamw`` (default): Adam's moments, then decoupled weight decay, then the learning rate,
-  which is ``torch.optim.AdamW``; Adam from
-  :func:`gpt2jax.train.memory.precision.scale_by_adam_lowp` so that
-  ``state_dtype`` (``--opt-state-dtype``) can keep the moments in bfloat16. Defaults are
-  torch's: betas (0.9, 0.999), eps 1e-8, weight decay 0.01.
-* ``adafactor``: :func:`scale_by_adafactor`, ``transformers.optimization.Adafactor`` with an
-  external learning rate (``relative_step=False``) and its other defaults: factored second
-  moments of every >= 2-D parameter, update clipping 1.0, the step scaled by the parameter's RMS
-  (``scale_parameter=True``), no first moment. Its state stays float32.
-* ``sgd``: heavy-ball momentum 0.9 (its trace in ``state_dtype``,
-  :func:`gpt2jax.train.memory.precision.scale_by_momentum_lowp`), ``torch.optim.SGD(momentum=0.9,
-  weight_decay=wd)``: weight decay is added to the gradient first (coupled, as torch does).
-
-Weight decay is multiplied by the learning rate in every optimizer, so a small ``--lr`` keeps the
-weights close to where they started: AdamW and Adafactor take ``lr * wd * p`` off beside the
-gradient's step (decoupled), SGD adds ``wd * p`` to the gradient. Adafactor's rate is ``lr`` times
-the parameter's RMS, for the step and the decay alike, as in transformers. (``optax.adafactor``'s
-own decay is not scaled by the rate: at any ``--lr`` it shrank the weights by ``wd`` every step.)
-
-Weight decay applies to the four matmul weights of each block only (``c_attn/w``, ``c_proj/w``,
-``c_fc/w``, ``mlp/c_proj/w``): never to biases, LayerNorm gains/biases, or the token and
-position embeddings, as minGPT's ``configure_optimizers`` decides (``wte`` is also the LM head,
-and decaying it pulls rare tokens' embeddings towards zero).
-
-Every optimizer is preceded by clipping the gradient to a global L2 norm (``--clip``, 0 = off).
-The tests check all three, through :class:`gpt2jax.train.layerwise.Layerwise`, against torch and
-transformers over several steps.
-
-Schedules (``schedule(step)`` is the rate of the update that makes step ``step + 1``): a linear
-warmup from ``lr / warmup`` to ``lr`` over the first ``warmup`` updates, then ``constant``,
-``cosine`` decay to 0 at ``total_steps``, or ``linear`` decay to 0 (Hugging Face's
-``get_cosine_schedule_with_warmup`` / ``get_linear_schedule_with_warmup`` shapes).
+``adamw`` (``torch.optim.AdamW``), ``adafactor`` (``transformers``' ``Adafactor``) and ``sgd``
+(``torch.optim.SGD`` with momentum), each after clipping to a global norm, with weight decay
+scaled by the learning rate and applied to the blocks' matmul weights only (:func:`make_optimizer`;
+the tests check all three against torch and transformers). Schedules: a linear warmup, then
+constant, cosine or linear decay (:func:`learning_rate_schedule`).
 """
 
 from __future__ import annotations
@@ -52,7 +25,13 @@ SGD_MOMENTUM = 0.9
 
 
 def learning_rate_schedule(lr: float, warmup: int, total_steps: int, kind: str) -> optax.Schedule:
-    """The learning rate as a function of the step (a jittable ``optax.Schedule``)."""
+    """The learning rate as a function of the step (a jittable ``optax.Schedule``).
+
+    ``schedule(step)`` is the rate of the update that makes step ``step + 1``: a linear warmup
+    from ``lr / warmup`` to ``lr`` over the first ``warmup`` updates, then ``constant``,
+    ``cosine`` decay to 0 at ``total_steps``, or ``linear`` decay to 0 (Hugging Face's
+    ``get_cosine_schedule_with_warmup`` / ``get_linear_schedule_with_warmup`` shapes).
+    """
     if kind not in SCHEDULES:
         raise ConfigError(f"unknown schedule {kind!r}; choose one of {', '.join(SCHEDULES)}")
     if lr <= 0 or not math.isfinite(lr):
@@ -77,7 +56,13 @@ def learning_rate_schedule(lr: float, warmup: int, total_steps: int, kind: str) 
 
 
 def decay_mask(params: Any) -> Any:
-    """True for the leaves weight decay applies to: the blocks' matmul weights ``.../w``."""
+    """True for the leaves weight decay applies to: the blocks' matmul weights ``.../w``.
+
+    That is ``c_attn/w``, ``c_proj/w``, ``c_fc/w`` and ``mlp/c_proj/w``: never biases,
+    LayerNorm gains/biases, or the token and position embeddings, as minGPT's
+    ``configure_optimizers`` decides (``wte`` is also the LM head, and decaying it pulls rare
+    tokens' embeddings towards zero).
+    """
     return jax.tree_util.tree_map_with_path(
         lambda path, _: getattr(path[-1], "key", None) == "w", params
     )
@@ -178,7 +163,32 @@ def make_optimizer(
     state_dtype: Any = jnp.float32,
 ) -> optax.GradientTransformation:
     """Gradient clipping then ``name`` (``adamw``, ``adafactor`` or ``sgd``), decay masked;
-    AdamW's moments and SGD's momentum are stored in ``state_dtype`` (Adafactor's: float32)."""
+    AdamW's moments and SGD's momentum are stored in ``state_dtype`` (Adafactor's: float32).
+
+    * ``adamw`` (default): Adam's moments, then decoupled weight decay, then the learning rate,
+      which is ``torch.optim.AdamW``; Adam from
+      :func:`gpt2jax.train.memory.precision.scale_by_adam_lowp` so that ``state_dtype``
+      (``--opt-state-dtype``) can keep the moments in bfloat16. Defaults are torch's: betas
+      (0.9, 0.999), eps 1e-8, weight decay 0.01.
+    * ``adafactor``: :func:`scale_by_adafactor`, ``transformers.optimization.Adafactor`` with an
+      external learning rate (``relative_step=False``) and its other defaults: factored second
+      moments of every >= 2-D parameter, update clipping 1.0, the step scaled by the parameter's
+      RMS (``scale_parameter=True``), no first moment.
+    * ``sgd``: heavy-ball momentum 0.9 (its trace in ``state_dtype``,
+      :func:`gpt2jax.train.memory.precision.scale_by_momentum_lowp`),
+      ``torch.optim.SGD(momentum=0.9, weight_decay=wd)``: weight decay is added to the gradient
+      first (coupled, as torch does).
+
+    Weight decay (on the leaves of :func:`decay_mask`) is multiplied by the learning rate in
+    every optimizer, so a small ``--lr`` keeps the weights close to where they started: AdamW
+    and Adafactor take ``lr * wd * p`` off beside the gradient's step (decoupled), SGD adds
+    ``wd * p`` to the gradient. Adafactor's rate is ``lr`` times the parameter's RMS, for the
+    step and the decay alike, as in transformers. (``optax.adafactor``'s own decay is not scaled
+    by the rate: at any ``--lr`` it shrank the weights by ``wd`` every step.)
+
+    Every optimizer is preceded by clipping the gradient to a global L2 norm (``clip``, 0 =
+    off). The tests check all three, through :class:`gpt2jax.train.layerwise.Layerwise`,
+    against torch and transformers over several steps."""
     if weight_decay < 0:
         raise ConfigError(f"--weight-decay must be >= 0, got {weight_decay}")
     if clip < 0:

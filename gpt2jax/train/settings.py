@@ -72,7 +72,25 @@ class UpdateSettings:
 @dataclasses.dataclass(frozen=True)
 class MemorySettings:
     """How a run trades memory for speed or exactness (:mod:`gpt2jax.train.memory.build` applies
-    them; :mod:`gpt2jax.train.memory.planner` searches them); defaults: all off."""
+    them; :mod:`gpt2jax.train.memory.planner` searches them); defaults: all off.
+
+    ==================  =======================================================================
+    ``remat``           ``none`` / ``dots`` / ``block`` (:class:`gpt2jax.model.GPT2`)
+    ``compute_dtype``   what matmuls run in; LayerNorm statistics, softmax, logits and the loss
+                        stay float32
+    ``param_dtype``     what the parameters are stored in (bfloat16: stochastic rounding of
+                        every update, :mod:`gpt2jax.train.layerwise`; with LoRA, the frozen
+                        base's dtype)
+    ``optimizer``       ``adamw`` / ``adafactor`` / ``sgd`` (:mod:`gpt2jax.train.optim`)
+    ``opt_state_dtype`` AdamW's moments / SGD's momentum in float32 or bfloat16
+                        (:mod:`gpt2jax.train.memory.precision`)
+    ``loss_chunk``      0, or sequence positions per chunk of the loss (:mod:`gpt2jax.train.loss`)
+    ``lora_rank``       0, or train rank-r adapters only (:mod:`gpt2jax.lora`), ``lora_alpha``
+    ``freeze``          None, ``embeddings`` or ``top:N`` (:mod:`gpt2jax.train.memory.freeze`)
+    ``parallel``        ``data`` (pmap, replicated state) or ``fsdp``
+                        (:mod:`gpt2jax.train.sharding`)
+    ==================  =======================================================================
+    """
 
     remat: str = "none"
     compute_dtype: str = "float32"

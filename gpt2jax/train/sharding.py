@@ -1,25 +1,9 @@
 """FSDP: parameters, gradients and optimizer state sharded over devices with ``jit``.
 
-Fully-sharded data parallelism (ZeRO-3, Rajbhandari et al. 2020; PyTorch FSDP) in JAX's own
-terms: a 1-D device mesh with axis ``"fsdp"``, every large array of the train state split along
-one dimension over that axis (:data:`RULES`, :func:`partition_spec`), the batch split along its
-batch dimension, and ``jax.jit`` with those ``NamedSharding``s as ``in_shardings`` and
-``out_shardings``. XLA's SPMD partitioner then inserts the collectives: inside the layer scan it
-all-gathers one layer's weights before use, the gradients come out reduce-scattered to the
-parameters' sharding, and the optimizer updates each device's shard. Each device holds ``1/n`` of
-the parameters, gradients and optimizer state, plus one layer's gathered weights and its share
-of the activations.
-
-The layer axis of the stacked block weights ``h/...`` is never sharded: the layer scan (and the
-layer-by-layer optimizer, :mod:`gpt2jax.train.layerwise`) slices it, and a sharded slice axis would
-turn every slice into communication. Tensors under :data:`MIN_SHARD_ELEMENTS` (biases, LayerNorm,
-step counters) are replicated: splitting them saves nothing and costs a collective each.
-
-Checkpoints: orbax saves sharded arrays as they are (each device writes its shards) and restores
-onto whatever shardings the abstract target names, so a state saved on 8 devices restores onto
-1 or 4 (:func:`abstract_state`; the tests do exactly that). One process only: several hosts need
-``jax.distributed`` and a global batch assembled per host, which the pmapped data-parallel mode
-(:class:`gpt2jax.train.step.DataParallel`) already does.
+Fully-sharded data parallelism (ZeRO-3; PyTorch FSDP) in JAX's own terms: a 1-D device mesh,
+every large array of the train state split along one dimension (:data:`RULES`), the batch split
+along its batch dimension, and ``jax.jit`` with those shardings; XLA's SPMD partitioner inserts
+the collectives (:class:`FSDP`). Each device holds ``1/n`` of the state plus one layer's weights.
 """
 
 from __future__ import annotations
@@ -80,7 +64,30 @@ def partition_spec(name: str, shape: tuple[int, ...], n_devices: int) -> Partiti
 
 
 class FSDP:
-    """Fully-sharded data parallelism over ``devices`` (default: all of them)."""
+    """Fully-sharded data parallelism over ``devices`` (default: all of them).
+
+    Fully-sharded data parallelism (ZeRO-3, Rajbhandari et al. 2020; PyTorch FSDP): a 1-D device
+    mesh with axis ``"fsdp"``, every large array of the train state split along one dimension
+    over that axis (:data:`RULES`, :func:`partition_spec`), the batch split along its batch
+    dimension, and ``jax.jit`` with those ``NamedSharding``s as ``in_shardings`` and
+    ``out_shardings``. XLA's SPMD partitioner then inserts the collectives: inside the layer scan
+    it all-gathers one layer's weights before use, the gradients come out reduce-scattered to
+    the parameters' sharding, and the optimizer updates each device's shard. Each device holds
+    ``1/n`` of the parameters, gradients and optimizer state, plus one layer's gathered weights
+    and its share of the activations.
+
+    The layer axis of the stacked block weights ``h/...`` is never sharded: the layer scan (and
+    the layer-by-layer optimizer, :mod:`gpt2jax.train.layerwise`) slices it, and a sharded slice
+    axis would turn every slice into communication. Tensors under :data:`MIN_SHARD_ELEMENTS`
+    (biases, LayerNorm, step counters) are replicated: splitting them saves nothing and costs a
+    collective each.
+
+    Checkpoints: orbax saves sharded arrays as they are (each device writes its shards) and
+    restores onto whatever shardings the abstract target names, so a state saved on 8 devices
+    restores onto 1 or 4 (:meth:`abstract`; the tests do exactly that). One process only:
+    several hosts need ``jax.distributed`` and a global batch assembled per host, which the
+    pmapped data-parallel mode (:class:`gpt2jax.train.step.DataParallel`) already does.
+    """
 
     def __init__(self, devices: list[Any] | None = None) -> None:
         self.devices = list(devices) if devices is not None else jax.devices()
@@ -90,7 +97,7 @@ class FSDP:
         #: a batch ``(A, b, T + 1)``: the ``b`` windows of each micro-batch split over devices
         self.batch_sharding = NamedSharding(self.mesh, PartitionSpec(None, AXIS))
 
-    process_count = 1  # one process (see the module docstring)
+    process_count = 1  # one process (see the class docstring)
     process_index = 0
 
     def check_batch(self, batch_size: int, grad_accum: int) -> int:

@@ -1,29 +1,11 @@
 """The training step: pure, compiled once, data-parallel over devices with ``jax.pmap``.
 
-``make_train_step(model, tx, ...)`` returns ``train_step(state, batch) -> (state, metrics)``, a
-pure function of a :class:`TrainState` and a batch of token windows ``(A, b, T + 1)``: ``A``
-micro-batches of ``b`` windows each, whose gradients are accumulated by ``lax.scan`` (the
-gradient of their mean loss, so accumulation changes memory, not the maths). The loss is the mean
-token cross-entropy, computed in float32 from float32 logits even when the model computes in
-bfloat16 (Hugging Face's ``GPT2LMHeadModel`` loss; the tests compare loss and every gradient with
-``torch.autograd``). Memory options (remat, chunked loss, LoRA, freezing, FSDP) enter through
-``loss_fn`` and the optimizer (:mod:`gpt2jax.train.memory.build`); none changes these maths.
-Dropout, when the model has any, draws from
-``fold_in(fold_in(fold_in(key, step), device), micro_batch)``, so it too is a pure function of
-the state and the step.
-
-:class:`DataParallel` runs it with ``jax.pmap`` over the local devices (on one device as on
-eight): the state is replicated, the global batch is split over the devices, and the gradients
-and metrics are averaged with ``lax.pmean`` over the named axis ``"data"``; every device then
-applies the same update. With the same global batch the result equals the single-device one up
-to float32 summation order (the tests check 8 fake CPU devices against 1).
-
-Several hosts (a TPU pod, several GPU machines): set ``GPT2JAX_DISTRIBUTED=1`` on every host
-(plus ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` where JAX cannot
-detect the cluster itself) and start the same command on each; :func:`initialize_distributed`
-then calls ``jax.distributed.initialize()``, each process feeds its own share of every global
-batch to its local devices, and ``pmean`` reduces over all devices of all hosts. (Written for,
-but not yet run on, several hosts: the tests cover one process with up to 8 devices.)
+:func:`make_train_step` returns ``train_step(state, batch) -> (state, metrics)``, a pure function
+of a :class:`TrainState` and a batch of token windows; its loss and gradients are Hugging Face's
+``GPT2LMHeadModel``'s (tested against ``torch.autograd``), and memory options, which enter only
+through ``loss_fn`` and the optimizer (:mod:`gpt2jax.train.memory.build`), leave them unchanged.
+:class:`DataParallel` runs it over this process's devices (several hosts:
+:func:`initialize_distributed`).
 """
 
 from __future__ import annotations
@@ -97,6 +79,17 @@ def make_train_step(
     accumulate: Accumulate | None = None,
 ) -> Callable[[TrainState, jax.Array], tuple[TrainState, Metrics]]:
     """The pure training step (not yet compiled; see :class:`DataParallel`).
+
+    ``train_step(state, batch)`` is a pure function of a :class:`TrainState` and a batch of
+    token windows ``(A, b, T + 1)``: ``A`` micro-batches of ``b`` windows each, whose gradients
+    are accumulated by ``lax.scan`` (the gradient of their mean loss, so accumulation changes
+    memory, not the maths). The loss is the mean token cross-entropy, computed in float32 from
+    float32 logits even when the model computes in bfloat16 (Hugging Face's
+    ``GPT2LMHeadModel`` loss; the tests compare loss and every gradient with
+    ``torch.autograd``). Memory options (remat, chunked loss, LoRA, freezing, FSDP) enter
+    through ``loss_fn`` and ``tx`` (:mod:`gpt2jax.train.memory.build`); none changes these
+    maths. Dropout, when the model has any, draws from ``fold_in(fold_in(fold_in(key, step),
+    device), micro_batch)``, so it too is a pure function of the state and the step.
 
     Args:
         model: the module; dropout is on when ``model.config.dropout > 0``.
@@ -215,7 +208,15 @@ def make_eval_step(
 
 
 def initialize_distributed() -> None:
-    """``jax.distributed.initialize()`` when ``GPT2JAX_DISTRIBUTED=1`` (once per process)."""
+    """``jax.distributed.initialize()`` when ``GPT2JAX_DISTRIBUTED=1`` (once per process).
+
+    Several hosts (a TPU pod, several GPU machines): set ``GPT2JAX_DISTRIBUTED=1`` on every host
+    (plus ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` where JAX
+    cannot detect the cluster itself) and start the same command on each; each process then
+    feeds its own share of every global batch to its local devices (:class:`DataParallel`), and
+    ``pmean`` reduces over all devices of all hosts. Written for, but not yet run on, several
+    hosts: the tests cover one process with up to 8 devices.
+    """
     if os.environ.get("GPT2JAX_DISTRIBUTED") == "1" and not jax.distributed.is_initialized():
         jax.distributed.initialize()
 
@@ -228,8 +229,13 @@ class DataParallel:
     axis; the step's outputs come back the same way (``out_axes=None``: after ``pmean`` every
     device holds the same values). Kept unstacked, the donated state aliases the new state in
     place, as under a plain ``jit``; a stacked state makes XLA copy the optimizer moments
-    every step (measured: 124M-width, 1 layer, CPU: 0.88 s per step vs 1.21 s stacked, 0.92 s
-    plain ``jit``).
+    every step (measured: BENCHMARKS.md, Training).
+
+    On several devices the gradients and metrics are averaged with ``lax.pmean`` over the named
+    axis ``"data"`` (``axis_name``; on one device there is nothing to average, and ``finetune``
+    passes None); every device then applies the same update. With the same global batch the
+    result equals the single-device one up to float32 summation order (the tests check 8 fake
+    CPU devices against 1).
 
     A global batch of ``B`` windows is split by process (rows ``[p B / P, (p + 1) B / P)``),
     then by device, then into ``A`` micro-batches: device ``d`` gets ``(A, B / (P D A), T+1)``.

@@ -1,19 +1,10 @@
 """Gradient accumulation into one buffer, layer by layer: no second full-size gradient.
 
-Accumulating with ``grad_sum + jax.grad(loss)(params)`` keeps two full gradients alive (the sum
-and the micro-batch's), because the layer scan's backward pass writes every layer's gradient
-into a fresh stacked buffer before the sum can take it. For 1558M that is 6.2 GB more than the
-parameters' own size. :func:`make_accumulate` runs the backward pass by hand instead: the
-forward pass scans the blocks keeping only each block's input (what ``remat="block"`` keeps),
-the head's gradient comes from ``jax.vjp``, and a ``lax.fori_loop`` walks the blocks top-down,
-recomputing each block with ``jax.vjp`` and adding its parameter gradient into layer ``i`` of the
-accumulator (``acc.at[i].add``, in place in the loop's carry). Only one layer's gradient exists
-at a time. The maths is the plain loss's gradient (the tests compare it with ``jax.grad``);
-dropout, when on, draws its masks per layer from ``fold_in(key, layer)`` rather than from the
-layer scan's split keys (same distribution, different draws).
-
-Used by :func:`gpt2jax.train.step.make_train_step` for full-model training with block remat and
-more than one micro-batch (:mod:`gpt2jax.train.memory.build` decides).
+Adding each micro-batch's ``jax.grad`` to a running sum keeps two full gradients alive;
+:func:`make_accumulate` runs the backward pass by hand, block by block, adding each block's
+gradient into its layer of one accumulator. Used by :func:`gpt2jax.train.step.make_train_step`
+for full-model training with block remat and several micro-batches
+(:mod:`gpt2jax.train.memory.build` decides).
 """
 
 from __future__ import annotations
@@ -35,7 +26,20 @@ Accumulate = Callable[..., tuple[jax.Array, Any]]
 
 
 def make_accumulate(model: GPT2, loss_chunk: int = 0) -> Accumulate:
-    """The in-place accumulation step of ``model`` (see the module docstring)."""
+    """The in-place accumulation step of ``model``.
+
+    Accumulating with ``grad_sum + jax.grad(loss)(params)`` keeps two full gradients alive (the
+    sum and the micro-batch's), because the layer scan's backward pass writes every layer's
+    gradient into a fresh stacked buffer before the sum can take it: one more full-size
+    gradient beyond the parameters' own size. This runs the backward pass by hand instead: the
+    forward pass scans the blocks keeping only each block's input (what ``remat="block"``
+    keeps), the head's gradient comes from ``jax.vjp``, and a ``lax.fori_loop`` walks the blocks
+    top-down, recomputing each block with ``jax.vjp`` and adding its parameter gradient into
+    layer ``i`` of the accumulator (``acc.at[i].add``, in place in the loop's carry). Only one
+    layer's gradient exists at a time. The maths is the plain loss's gradient (the tests compare
+    it with ``jax.grad``); dropout, when on, draws its masks per layer from ``fold_in(key,
+    layer)`` rather than from the layer scan's split keys (same distribution, different draws).
+    """
     cfg, dtype, pdt = model.config, model.dtype, model.param_dtype
     n_layer = cfg.n_layer
 

@@ -1,28 +1,8 @@
 """One place that turns the memory settings of a run into a model, optimizer, loss and step.
 
-``gpt2jax finetune`` and ``gpt2jax plan`` both build their training step here, so what the
-planner compiles and measures is exactly what the run executes. The settings
-(:class:`MemorySettings`, also fields of :class:`gpt2jax.train.settings.TrainConfig`):
-
-==================  =========================================================================
-``remat``           ``none`` / ``dots`` / ``block`` (:class:`gpt2jax.model.GPT2`)
-``compute_dtype``   what matmuls run in; LayerNorm statistics, softmax, logits and the loss
-                    stay float32
-``param_dtype``     what the parameters are stored in (bfloat16: stochastic rounding of every
-                    update, :mod:`gpt2jax.train.layerwise`; with LoRA, the frozen base's dtype)
-``optimizer``       ``adamw`` / ``adafactor`` / ``sgd`` (:mod:`gpt2jax.train.optim`)
-``opt_state_dtype`` AdamW's moments / SGD's momentum in float32 or bfloat16
-(:mod:`gpt2jax.train.memory.precision`)
-``loss_chunk``      0, or sequence positions per chunk of the loss (:mod:`gpt2jax.train.loss`)
-``lora_rank``       0, or train rank-r adapters only (:mod:`gpt2jax.lora`), ``lora_alpha``
-``freeze``          None, ``embeddings`` or ``top:N`` (:mod:`gpt2jax.train.memory.freeze`)
-``parallel``        ``data`` (pmap, replicated state) or ``fsdp`` (:mod:`gpt2jax.train.sharding`)
-==================  =========================================================================
-
-The optimizer always runs layer by layer in place (:class:`gpt2jax.train.layerwise.Layerwise`), with
-global-norm clipping before it. What the train state holds: ``params`` are the trained numbers
-(the whole model, or the LoRA adapters), ``frozen`` the rest of the model that the loss reads
-but never differentiates (LoRA's base model; None otherwise).
+``gpt2jax finetune`` and ``gpt2jax plan`` both build their training step here (:func:`build`),
+so what the planner compiles and measures is exactly what the run executes. The settings are
+:class:`MemorySettings` (the ``memory_settings`` section of a ``TrainConfig``).
 """
 
 from __future__ import annotations
@@ -94,6 +74,11 @@ def build(
     extra_prepare: Any = None,
 ) -> Recipe:
     """The model, layer-by-layer optimizer and loss of ``settings``.
+
+    The optimizer always runs layer by layer in place (:class:`gpt2jax.train.layerwise.Layerwise`),
+    with global-norm clipping before it. What the train state then holds: ``params`` are the
+    trained numbers (the whole model, or the LoRA adapters), ``frozen`` the rest of the model
+    that the loss reads but never differentiates (LoRA's base model; None otherwise).
 
     ``extra_prepare`` is one more :func:`gpt2jax.train.loss.make_token_losses` hook run after LoRA's
     or freezing's (FSDP's, :func:`gpt2jax.train.sharding.make_prepare`).

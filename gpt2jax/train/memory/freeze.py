@@ -1,17 +1,9 @@
 """Freezing parts of the model: ``--freeze embeddings`` or ``--freeze top:N``.
 
-* ``embeddings``: ``wte`` and ``wpe`` stay as they are (``wte`` is also the tied LM head, so the
-  output layer is frozen with it). They get no gradient (``stop_gradient``, so XLA never computes
-  the ``(V, C)`` head gradient) and no optimizer state: 2 x 80M numbers less for 1558M with AdamW.
-* ``top:N``: only the top ``N`` blocks and the final LayerNorm train; the embeddings and the lower
-  ``L - N`` blocks are frozen. The usual way to adapt a model while keeping most of what it knows
-  (less forgetting, fewer trained numbers). The blocks are stacked in one array per weight, so the
-  lower blocks' gradients are zero rather than absent, and their optimizer state is allocated
-  but never changes; for memory, LoRA (:mod:`gpt2jax.lora`) is the tool.
-
-:func:`make_prepare` stops the gradients inside the loss; :class:`gpt2jax.train.layerwise.Layerwise`
-(``frozen=``, ``trainable_layers=``) keeps frozen parameters and their state unchanged, weight
-decay included.
+What each means: :func:`parse_freeze`. :func:`make_prepare` stops the gradients of the frozen
+parts inside the loss; :class:`gpt2jax.train.layerwise.Layerwise` (``frozen=``,
+``trainable_layers=``) keeps frozen parameters and their optimizer state unchanged, weight decay
+included.
 """
 
 from __future__ import annotations
@@ -43,7 +35,18 @@ class Freeze:
 
 
 def parse_freeze(spec: str | None, config: GPT2Config) -> Freeze | None:
-    """``None`` (nothing frozen), ``"embeddings"`` or ``"top:N"``, checked against ``config``."""
+    """``None`` (nothing frozen), ``"embeddings"`` or ``"top:N"``, checked against ``config``.
+
+    * ``embeddings``: ``wte`` and ``wpe`` stay as they are (``wte`` is also the tied LM head, so
+      the output layer is frozen with it). They get no gradient (``stop_gradient``, so XLA never
+      computes the ``(V, C)`` head gradient) and no optimizer state: with AdamW, two moments of
+      ``(V + n_ctx) x C`` numbers less (2 x 82M for 1558M).
+    * ``top:N``: only the top ``N`` blocks and the final LayerNorm train; the embeddings and the
+      lower ``L - N`` blocks are frozen. The usual way to adapt a model while keeping most of
+      what it knows (less forgetting, fewer trained numbers). The blocks are stacked in one
+      array per weight, so the lower blocks' gradients are zero rather than absent, and their
+      optimizer state is allocated but never changes; for memory, LoRA (:mod:`gpt2jax.lora`) is
+      the tool."""
     if spec is None or spec == "":
         return None
     if spec == "embeddings":

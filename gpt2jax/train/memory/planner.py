@@ -1,34 +1,10 @@
 """``gpt2jax plan`` and ``finetune --memory``: the fastest settings whose training step fits.
 
-**Prediction.** For a candidate configuration the real training step
-(:mod:`gpt2jax.train.memory.build`,
-:func:`gpt2jax.train.step.make_train_step`) is lowered and compiled on abstract inputs
-(``jax.ShapeDtypeStruct`` for the train state and the batch: nothing is allocated) and XLA's
-buffer assignment is read back with ``compiled.memory_analysis()``. It reports the bytes of the
-arguments (train state and batch), the outputs (new state, metrics), the temporaries (every
-intermediate: gradients, activations, the optimizer's scratch, all placed by XLA's heap
-simulator with reuse) and the aliased bytes (outputs written into donated argument buffers).
-The step's peak is therefore ::
-
-    peak = arguments + outputs + temporaries - aliased
-
-(the state is donated, so the new state costs nothing beyond the old one). Under FSDP the
-figures are per device. Not included: the runtime's own buffers and fragmentation, hence a
-budget's last 1/16 (at least 256 MiB) is kept free (:func:`usable_bytes`). The tests check the
-prediction against the measured peak RSS of a real step on CPU.
-
-**Search.** Candidates vary what costs speed but not the maths: rematerialisation, the
-optimizer's state (AdamW float32, AdamW bfloat16 moments, Adafactor; or SGD float32/bfloat16 when
-``--optimizer sgd`` is given), the split of the batch into micro-batches, and the chunked loss.
-The leanest candidates are compiled first (if they do not fit, nothing at that batch size
-does); then the rest in order of expected step time (:func:`expected_cost`, a rough model:
-block remat recomputes the forward pass, +35%; dots-saveable remat +15%; small micro-batches
-use a device less well; chunking the loss +2%; Adafactor's and bfloat16 state's extra
-arithmetic +1-2%), and the first that fits wins. Candidates are skipped without compiling when
-their parameters, optimizer state and gradients alone exceed the budget, or when a candidate
-needing no more memory in any respect already did not fit. Settings that change what is
-learned (batch size, parameter dtype, LoRA, freezing) are the user's; only when no
-``--batch-size`` was given and nothing fits at the default is the batch halved.
+Each candidate's real training step (:mod:`gpt2jax.train.memory.build`) is compiled on abstract
+shapes, with nothing allocated, and XLA's buffer assignment gives its peak (:func:`peak_bytes`).
+:func:`search` tries the settings that cost speed but not the maths (remat, optimizer state,
+micro-batches, chunked loss) in order of expected step time (:func:`expected_cost`); settings
+that change what is learned are the user's.
 """
 
 from __future__ import annotations
@@ -165,7 +141,13 @@ def usable_bytes(budget: int) -> int:
 
 
 def expected_cost(c: Candidate, seq_len: int, n_devices: int) -> float:
-    """Relative time per token (lower is faster); see the module docstring."""
+    """Relative time per token (lower is faster), a rough model.
+
+    Block remat recomputes the forward pass (+35%), dots-saveable remat less (+15%); small
+    micro-batches use a device less well (below :data:`TOKENS_TO_FILL` tokens per device);
+    chunking the loss costs one more LM-head matmul (+2%); Adafactor's and bfloat16 state's
+    extra arithmetic +1-2% (:data:`REMAT_COST`, :data:`STATE_COST`, :data:`SGD_COST`).
+    """
     s = c.settings
     tokens = c.micro_batch * seq_len / n_devices  # per device per micro-batch
     fill = 1.0 + TOKENS_TO_FILL / (TOKENS_TO_FILL + 4 * tokens)
@@ -419,7 +401,19 @@ def in_place_accumulation(s: MemorySettings) -> bool:
 
 
 def peak_bytes(compiled: Any) -> int:
-    """``arguments + outputs + temporaries - aliased`` of a compiled function (see above)."""
+    """``arguments + outputs + temporaries - aliased`` of a compiled function.
+
+    The training step is lowered and compiled on abstract inputs (``jax.ShapeDtypeStruct`` for
+    the train state and the batch: nothing is allocated), and ``compiled.memory_analysis()``
+    reads back XLA's buffer assignment: the bytes of the arguments (train state and batch), the
+    outputs (new state, metrics), the temporaries (every intermediate: gradients, activations,
+    the optimizer's scratch, all placed by XLA's heap simulator with reuse) and the aliased
+    bytes (outputs written into donated argument buffers). The state is donated, so the new
+    state costs nothing beyond the old one. Under FSDP the figures are per device. Not
+    included: the runtime's own buffers and fragmentation, hence a budget's reserve
+    (:func:`usable_bytes`). The tests check the prediction against the measured peak RSS of a
+    real step on CPU (:mod:`gpt2jax.train.memory.probe`).
+    """
     m = compiled.memory_analysis()
     return int(
         m.argument_size_in_bytes
@@ -466,7 +460,19 @@ def search(
 ) -> tuple[Candidate | None, list[Row]]:
     """The fastest candidate whose predicted peak fits ``usable_bytes(budget)``, and every row
     considered on the way (``show`` is called with each as it is decided). ``fixed`` names
-    settings of :data:`SEARCHED` the user chose (see :func:`candidates`)."""
+    settings of :data:`SEARCHED` the user chose (see :func:`candidates`).
+
+    Candidates vary what costs speed but not the maths: rematerialisation, the optimizer's
+    state (AdamW float32, AdamW bfloat16 moments, Adafactor; or SGD float32/bfloat16 when
+    ``--optimizer sgd`` is given), the split of the batch into micro-batches, and the chunked
+    loss. The leanest candidates are compiled first (if they do not fit, nothing at that batch
+    size does); then the rest in order of :func:`expected_cost`, and the first that fits wins.
+    Candidates are skipped without compiling when their parameters, optimizer state and
+    gradients alone exceed the budget, or when a candidate needing no more memory in any
+    respect already did not fit. Settings that change what is learned (batch size, parameter
+    dtype, LoRA, freezing) are the user's; only when no ``--batch-size`` was given
+    (``batch_given=False``) and nothing fits at the default is the batch halved.
+    """
     limit = usable_bytes(budget)
     rows: list[Row] = []
     for size in _batch_sizes(batch_size, batch_given, planner.n_devices):

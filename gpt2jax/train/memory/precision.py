@@ -1,20 +1,9 @@
 """Optimizer state (and parameters) kept in bfloat16 without losing small updates.
 
-Storing Adam's second moment in bfloat16 with round-to-nearest fails quietly: bfloat16 keeps 8
-significant bits, so ``nu <- 0.999 nu + 0.001 g^2`` rounds back to ``nu`` unless it changes by
-more than 0.2%: ``nu`` can then only grow, never decay, and the step size drifts. The same holds
-for bfloat16 parameters under small learning rates. The cure is *stochastic rounding* (Gupta et
-al., "Deep Learning with Limited Numerical Precision", 2015): round up with probability equal
-to the fraction cut off, which is unbiased, so small updates survive on average.
-
-:func:`dithered_round` does that with a counter-based hash instead of a random key: the
-rounding noise is a hash of each element's position, the step and the value's kept bits. It
-needs no RNG state, fuses into the surrounding elementwise update, and keeps the optimizer a
-pure function of its inputs (exact resume stays exact).
-
-:func:`scale_by_adam_lowp` and :func:`scale_by_momentum_lowp` are ``optax.scale_by_adam`` and
-``optax.trace`` with their state in ``dtype``: arithmetic in float32, the stored moments rounded
-with :func:`dithered_round`. In float32 they are optax's up to float32 rounding (tested).
+Round-to-nearest in bfloat16 silently drops updates smaller than its 8 significant bits;
+:func:`dithered_round` rounds stochastically instead, from a hash rather than an RNG key.
+:func:`scale_by_adam_lowp` and :func:`scale_by_momentum_lowp` are optax's Adam and momentum with
+their state stored that way.
 """
 
 from __future__ import annotations
@@ -52,6 +41,17 @@ def _position(shape: tuple[int, ...]) -> jax.Array:
 def dithered_round(x: jax.Array, dtype: Any, step: jax.Array | int) -> jax.Array:
     """``x`` (float32) in ``dtype``: stochastically rounded when ``dtype`` is bfloat16.
 
+    Why: storing Adam's second moment in bfloat16 with round-to-nearest fails quietly. bfloat16
+    keeps 8 significant bits, so ``nu <- 0.999 nu + 0.001 g^2`` rounds back to ``nu`` unless it
+    changes by more than 0.2%: ``nu`` can then only grow, never decay, and the step size drifts.
+    The same holds for bfloat16 parameters under small learning rates. Stochastic rounding
+    (Gupta et al., "Deep Learning with Limited Numerical Precision", 2015) rounds up with
+    probability equal to the fraction cut off, which is unbiased, so small updates survive on
+    average. The rounding noise here is a counter-based hash of each element's position, the
+    step and the value's kept bits, not a random key: it needs no RNG state, fuses into the
+    surrounding elementwise update, and keeps the optimizer a pure function of its inputs
+    (exact resume stays exact).
+
     bfloat16 is the top 16 bits of a float32; adding a uniform 16-bit number to the float32's
     bits before truncating rounds the magnitude up with probability (bits cut off) / 2^16.
     """
@@ -75,7 +75,10 @@ class AdamLowpState(NamedTuple):
 def scale_by_adam_lowp(
     b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, dtype: Any = jnp.float32
 ) -> optax.GradientTransformation:
-    """``optax.scale_by_adam`` with both moments stored in ``dtype`` (dithered rounding)."""
+    """``optax.scale_by_adam`` with both moments stored in ``dtype`` (dithered rounding).
+
+    Arithmetic in float32, the stored moments rounded with :func:`dithered_round`; in float32 it
+    is optax's up to float32 rounding (tested), as is :func:`scale_by_momentum_lowp`."""
 
     def init(params: Any) -> AdamLowpState:
         def zeros() -> Any:  # two separate trees: a donated state must not alias itself

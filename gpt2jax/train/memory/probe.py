@@ -1,15 +1,6 @@
 """Measuring what a training step really uses, to check :mod:`gpt2jax.train.memory.planner`'s
-predictions.
-
-:func:`probe` runs in a fresh process (``python -m gpt2jax.train.memory.probe SPEC``;
-:func:`run_probe` starts one): it compiles the step of a configuration (the prediction comes from
-this compiled step), records the process's resident memory, creates the train state straight on the
-device (random weights from a jitted init: no host copies), resets the kernel's high-water mark
-(``/proc/self/clear_refs``), runs one real step, and reads the high-water mark back
-(``VmHWM``). The measured figure is that peak minus the resident memory before the state
-existed: the step's arguments, outputs and temporaries, as predicted. Linux only. On a GPU or
-TPU the measured figure is the device allocator's ``peak_bytes_in_use`` instead (which includes
-the state), and the step time is averaged over a few more steps.
+predictions: :func:`run_probe` runs :func:`probe` in a fresh process
+(``python -m gpt2jax.train.memory.probe SPEC``).
 """
 
 from __future__ import annotations
@@ -34,7 +25,17 @@ def _status_kib(field: str) -> int:
 
 
 def probe(spec: dict[str, Any]) -> dict[str, Any]:
-    """Predicted and measured peak bytes of one step of ``spec`` (see :func:`run_probe`)."""
+    """Predicted and measured peak bytes of one step of ``spec`` (see :func:`run_probe`).
+
+    Compiles the step of a configuration (the prediction comes from this compiled step),
+    records the process's resident memory, creates the train state straight on the device
+    (random weights from a jitted init: no host copies), resets the kernel's high-water mark
+    (``/proc/self/clear_refs``), runs one real step, and reads the high-water mark back
+    (``VmHWM``). The measured figure is that peak minus the resident memory before the state
+    existed: the step's arguments, outputs and temporaries, as predicted. Linux only. On a GPU
+    or TPU the measured figure is the device allocator's ``peak_bytes_in_use`` instead (which
+    includes the state), and the step time is averaged over a few more steps.
+    """
     import jax
     import jax.numpy as jnp
     import numpy as np

@@ -116,6 +116,8 @@ def _given(args: argparse.Namespace) -> dict:
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
+    import jax
+
     from gpt2jax.store.runs import TrainConfig
     from gpt2jax.train.loop import finetune
 
@@ -139,6 +141,8 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         result = finetune(args.out, train)
     if result.interrupted:
         return 128 + result.interrupted
+    if jax.process_index() != 0:  # one process of several: process 0 reports
+        return 0
     parts = [f"step {result.step}"]
     if result.loss is not None:
         parts.append(f"loss {result.loss:.4f}")
@@ -285,9 +289,11 @@ def cache_compiled_code() -> None:
     """
     import jax
 
+    from gpt2jax.train import cluster
     from gpt2jax.train.data import cache_root
-    from gpt2jax.train.step import initialize_distributed
 
-    initialize_distributed()  # before anything starts JAX's backends
+    cluster.initialize()  # before anything starts JAX's backends
+    if jax.process_index() != 0:  # process 0 says what the run does; the others only warn
+        logging.getLogger("gpt2jax").setLevel(logging.WARNING)
     if not os.environ.get("JAX_COMPILATION_CACHE_DIR") and jax.default_backend() != "cpu":
         jax.config.update("jax_compilation_cache_dir", os.path.join(cache_root(), "jax"))

@@ -1,0 +1,249 @@
+"""Several processes as one run: JAX's multi-controller runtime (``jax.distributed``).
+
+A TPU pod slice or a GPU cluster runs one process per host, all with the same command. With
+``GPT2JAX_DISTRIBUTED=1`` :func:`initialize` calls ``jax.distributed.initialize`` (the
+coordinator, process count and id come from ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``
+and ``JAX_PROCESS_ID`` when set; on TPU VMs and under Slurm or Open MPI JAX finds them itself).
+From then on ``jax.devices()`` spans every process and collectives (``pmean``, the sharded
+``jit``) run across them; on CPU through gloo.
+
+On top of JAX's coordination service (its key-value store), three things a run needs:
+
+* :class:`Watchdog`: every process publishes a heartbeat each second; when another process's
+  stops for :data:`LOST_AFTER` seconds (killed, host gone), this process exits at once with one
+  line naming it, instead of hanging in a collective (JAX's own heartbeat check, set to
+  :data:`JAX_HEARTBEAT` seconds, is the backstop and would abort with a stack trace);
+* :func:`primary_first`: process 0 does something (create the run directory, plan the memory)
+  and the others wait for its outcome: the same result, or the same one-line error;
+* :class:`StopAgreement`: a signal reaching any process stops all of them after the same step,
+  so that they save one checkpoint together.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+
+from gpt2jax import errors
+from gpt2jax.errors import ConfigError, Gpt2JaxError
+
+#: Seconds without a heartbeat after which a process counts as lost.
+LOST_AFTER = 20
+#: JAX's own heartbeat timeout (the coordination service aborts every process after it).
+JAX_HEARTBEAT = 45
+#: Exit status of a process that stops because another one was lost.
+LOST_EXIT = 75
+_PREFIX = "gpt2jax/"
+_WAIT_MS = 24 * 3600 * 1000  # blocking reads: the watchdog, not a timeout, ends a lost wait
+
+
+def enabled() -> bool:
+    """Whether this process was started as one of several (``GPT2JAX_DISTRIBUTED=1``)."""
+    return os.environ.get("GPT2JAX_DISTRIBUTED") == "1"
+
+
+def initialize() -> None:
+    """``jax.distributed.initialize`` once per process when :func:`enabled`, then the
+    :class:`Watchdog`. Must run before anything starts JAX's backends."""
+    if not enabled() or jax.distributed.is_initialized():
+        return
+    num, pid = _env_int("JAX_NUM_PROCESSES"), _env_int("JAX_PROCESS_ID")
+    try:
+        jax.distributed.initialize(
+            num_processes=num,
+            process_id=pid,
+            heartbeat_timeout_seconds=JAX_HEARTBEAT,
+            shutdown_timeout_seconds=2 * LOST_AFTER,
+        )
+    except (RuntimeError, ValueError, TypeError) as e:
+        where = os.environ.get("JAX_COORDINATOR_ADDRESS", "the coordinator JAX detected")
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise Gpt2JaxError(
+            f"GPT2JAX_DISTRIBUTED=1: cannot join the run at {where} ({first[:300]})"
+        ) from None
+    Watchdog(_client(), jax.process_index(), jax.process_count()).start()
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"{name}={value!r} is not an integer") from None
+
+
+def _client() -> Any:
+    from jax._src import distributed  # the coordination service client JAX connected
+
+    return distributed.global_state.client
+
+
+def process_count() -> int:
+    return jax.process_count()
+
+
+class Watchdog:
+    """Heartbeats through the coordination service's key-value store; exits with
+    :data:`LOST_EXIT` and one line on stderr when another process is lost.
+
+    A process that finished (:meth:`finished`) is no longer watched. Times are this process's
+    own monotonic clock (when it last saw another's counter change), so clocks need not agree.
+    """
+
+    _current: Watchdog | None = None
+
+    def __init__(self, client: Any, me: int, count: int, interval: float = 1.0) -> None:
+        self.client, self.me, self.count, self.interval = client, me, count, interval
+        self._stop = threading.Event()
+        self._seen: dict[int, tuple[str, float]] = {}
+        self._last_ok = time.monotonic()
+
+    def start(self) -> None:
+        Watchdog._current = self
+        start = time.monotonic()
+        self._seen = {p: ("", start) for p in range(self.count) if p != self.me}
+        threading.Thread(target=self._beat, name="gpt2jax-heartbeat", daemon=True).start()
+        threading.Thread(target=self._watch, name="gpt2jax-watchdog", daemon=True).start()
+
+    @classmethod
+    def finished(cls) -> None:
+        """Marks this process as done (not lost when it exits) and stops watching."""
+        dog = cls._current
+        if dog is None:
+            return
+        dog._stop.set()
+        try:
+            dog.client.key_value_set(f"{_PREFIX}done/{dog.me}", "1", allow_overwrite=True)
+        except Exception:  # noqa: BLE001 - the coordinator may be gone already; nothing to tell
+            pass
+        cls._current = None
+
+    def _beat(self) -> None:
+        """Publishes a counter and reads everyone's (one RPC each way per interval)."""
+        n = 0
+        while not self._stop.is_set():
+            n += 1
+            try:
+                self.client.key_value_set(f"{_PREFIX}alive/{self.me}", str(n), allow_overwrite=True)
+                beats = dict(self.client.key_value_dir_get(f"{_PREFIX}alive/"))
+                done = dict(self.client.key_value_dir_get(f"{_PREFIX}done/"))
+            except Exception:  # noqa: BLE001 - the coordinator unreachable: _watch decides
+                self._stop.wait(self.interval)
+                continue
+            now = time.monotonic()
+            self._last_ok = now
+            for key, value in beats.items():
+                p = int(key.rsplit("/", 1)[-1])
+                if p in self._seen and self._seen[p][0] != value:
+                    self._seen[p] = (value, now)
+            for key in done:
+                self._seen.pop(int(key.rsplit("/", 1)[-1]), None)
+            self._stop.wait(self.interval)
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.interval):
+            now = time.monotonic()
+            if self.me != 0 and now - self._last_ok > LOST_AFTER:
+                self._lost(0, "the coordinator stopped answering")
+            for p, (_, seen) in list(self._seen.items()):
+                if now - seen > LOST_AFTER:
+                    self._lost(p, f"no heartbeat for {LOST_AFTER} s")
+
+    def _lost(self, p: int, why: str) -> None:
+        if self._stop.is_set():
+            return
+        sys.stderr.write(
+            f"gpt2jax: error: process {p} of {self.count} was lost ({why}: killed, crashed or "
+            f"its host failed); process {self.me} stops too. Once every process can run, "
+            "start them all again with --resume RUN\n"
+        )
+        sys.stderr.flush()
+        os._exit(LOST_EXIT)
+
+
+def primary_first(name: str, fn: Callable[[], Any]) -> Any:
+    """``fn()`` on process 0; every other process waits for it and gets the same JSON-able
+    result, or raises the same one-line error (a :class:`Gpt2JaxError` of the same class).
+    One process: just ``fn()``."""
+    if jax.process_count() == 1:
+        return fn()
+    client, key = _client(), f"{_PREFIX}once/{name}"
+    if jax.process_index() == 0:
+        try:
+            result = fn()
+        except Gpt2JaxError as e:
+            client.key_value_set(key, json.dumps({"error": str(e), "class": type(e).__name__}))
+            raise
+        except BaseException as e:
+            client.key_value_set(key, json.dumps({"error": f"process 0: {e!r}"[:500]}))
+            raise
+        client.key_value_set(key, json.dumps({"result": result}))
+        return result
+    outcome = json.loads(client.blocking_key_value_get(key, _WAIT_MS))
+    if "error" in outcome:
+        cls = getattr(errors, outcome.get("class", ""), Gpt2JaxError)
+        cls = cls if isinstance(cls, type) and issubclass(cls, Gpt2JaxError) else Gpt2JaxError
+        raise cls(outcome["error"])
+    return outcome["result"]
+
+
+class StopAgreement:
+    """Makes a stop request (a signal) reaching any process stop every process after the same
+    update, so that they save one checkpoint together.
+
+    :meth:`after` is called right after each update is dispatched, with the number of updates
+    dispatched, ``done``. One process: it stops there when it had a signal. Several: a process
+    with a signal publishes a request; every process that sees one publishes its ``done`` and
+    waits for everyone's, and all stop after the largest. None can be past it: a process that
+    has not published yet is at most one update ahead of one that waits (whose device runs
+    every update already dispatched), and publishes at its next update. At the last update
+    every process publishes (the end), so a request that comes too late ends the run normally
+    instead of waiting for processes that finished.
+    """
+
+    def __init__(self, steps: int) -> None:
+        self.steps = steps
+        self.several = jax.process_count() > 1
+        self._stop_at: int | None = None
+        self._signal: int | None = None
+
+    def after(self, done: int, signum: int | None) -> int | None:
+        """The signal to stop on if the run stops after update ``done``, else None."""
+        if self._signal is None and signum is not None:
+            self._signal = signum
+            if self.several:
+                _client().key_value_set(f"{_PREFIX}stop/request", str(signum), allow_overwrite=True)
+        if self._stop_at is None:
+            self._stop_at = self._agree(done)
+        return self._signal if self._stop_at is not None and done >= self._stop_at else None
+
+    def _agree(self, done: int) -> int | None:
+        if not self.several:
+            return done if self._signal is not None else None
+        client = _client()
+        if self._signal is None:
+            request = _try_get(client, f"{_PREFIX}stop/request")
+            if request is None and done < self.steps:
+                return None
+            self._signal = None if request is None else int(request)
+        client.key_value_set(f"{_PREFIX}stop/at/{jax.process_index()}", str(done))
+        return max(
+            int(client.blocking_key_value_get(f"{_PREFIX}stop/at/{p}", _WAIT_MS))
+            for p in range(jax.process_count())
+        )
+
+
+def _try_get(client: Any, key: str) -> str | None:
+    try:
+        return client.key_value_try_get(key)
+    except Exception:  # noqa: BLE001 - NOT_FOUND
+        return None

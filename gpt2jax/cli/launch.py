@@ -38,7 +38,9 @@ def add_launch(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--cpu-devices", type=int, default=1, metavar="D", help="CPU devices each (default 1)"
     )
-    p.add_argument("command", nargs=argparse.REMAINDER, help="the gpt2jax command and its flags")
+    p.add_argument(
+        "argv", nargs=argparse.REMAINDER, metavar="COMMAND", help="the gpt2jax command and flags"
+    )
     p.set_defaults(func=_cmd_launch)
 
 
@@ -50,7 +52,7 @@ def free_port() -> int:
 
 
 def _cmd_launch(args: argparse.Namespace) -> int:
-    command = list(args.command)
+    command = list(args.argv)
     if command[:1] == ["--"]:
         command = command[1:]
     if not command or command[0].startswith("-") or command[0] == "launch":

@@ -119,6 +119,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     import jax
 
     from gpt2jax.store.runs import TrainConfig
+    from gpt2jax.train import cluster
     from gpt2jax.train.loop import finetune
 
     log_to_stderr()
@@ -133,8 +134,8 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     else:
         if not args.out:
             raise ConfigError("--out RUN is required (the run directory to create)")
-        if args.memory:
-            given.update(_planned(args, given))
+        if args.memory:  # process 0 plans, for every process
+            given.update(cluster.primary_first("plan", lambda: _planned(args, given)))
         train = TrainConfig(
             model=args.model, data=args.data or [], val_data=args.val_data or [], **given
         )
@@ -155,7 +156,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
 def _planned(args: argparse.Namespace, given: dict) -> dict:
     """The settings ``--memory`` chooses (:func:`gpt2jax.train.memory.planner.search`), the table
     on stderr."""
-    from gpt2jax.cli.plan import make_planner, model_config, settings_from_args
+    from gpt2jax.cli.plan import make_planner, model_config, settings_from_args, where
     from gpt2jax.config import get_preset
     from gpt2jax.store.runs import TrainConfig
     from gpt2jax.train.memory.planner import (
@@ -176,10 +177,9 @@ def _planned(args: argparse.Namespace, given: dict) -> dict:
     fixed |= {"grad_accum"} & set(given)
     defaults = TrainConfig()
     seq_len = min(given.get("seq_len") or 1024, config.n_ctx)
-    planner = make_planner(
-        config, seq_len, base, sample_length=given.get("sample_length", defaults.sample_length)
-    )
-    print(f"--memory {read_as}", file=sys.stderr)
+    sample_length = given.get("sample_length", defaults.sample_length)
+    planner = make_planner(config, seq_len, base, sample_length=sample_length, fixed=fixed)
+    print(f"--memory {read_as}: {where(planner)}", file=sys.stderr)
     print(header(budget), file=sys.stderr, flush=True)
     chosen, rows = search(
         planner, base, budget, given.get("batch_size", defaults.batch_size),

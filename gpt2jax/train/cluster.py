@@ -1,22 +1,12 @@
-"""Several processes as one run: JAX's multi-controller runtime (``jax.distributed``).
+"""Several processes as one run, on JAX's multi-controller runtime (``jax.distributed``).
 
-A TPU pod slice or a GPU cluster runs one process per host, all with the same command. With
-``GPT2JAX_DISTRIBUTED=1`` :func:`initialize` calls ``jax.distributed.initialize`` (the
-coordinator, process count and id come from ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``
-and ``JAX_PROCESS_ID`` when set; on TPU VMs and under Slurm or Open MPI JAX finds them itself).
-From then on ``jax.devices()`` spans every process and collectives (``pmean``, the sharded
-``jit``) run across them; on CPU through gloo.
-
-On top of JAX's coordination service (its key-value store), three things a run needs:
-
-* :class:`Watchdog`: every process publishes a heartbeat each second; when another process's
-  stops for :data:`LOST_AFTER` seconds (killed, host gone), this process exits at once with one
-  line naming it, instead of hanging in a collective (JAX's own heartbeat check, set to
-  :data:`JAX_HEARTBEAT` seconds, is the backstop and would abort with a stack trace);
-* :func:`primary_first`: process 0 does something (create the run directory, plan the memory)
-  and the others wait for its outcome: the same result, or the same one-line error;
-* :class:`StopAgreement`: a signal reaching any process stops all of them after the same step,
-  so that they save one checkpoint together.
+A TPU pod slice or a GPU cluster runs one process per host, each with the same command and
+``GPT2JAX_DISTRIBUTED=1`` (:func:`initialize`); ``jax.devices()`` then spans every process, and
+``pmean`` and the sharded ``jit`` reduce across them (through gloo on CPU). On top of JAX's
+coordination service (its key-value store) a run gets a :class:`Watchdog` (a lost process stops
+the others at once, with one line naming it), :func:`primary_first` (process 0 creates the run,
+the others wait for the outcome) and a :class:`StopAgreement` (a signal to any process stops
+all of them after the same update).
 """
 
 from __future__ import annotations
@@ -51,7 +41,14 @@ def enabled() -> bool:
 
 def initialize() -> None:
     """``jax.distributed.initialize`` once per process when :func:`enabled`, then the
-    :class:`Watchdog`. Must run before anything starts JAX's backends."""
+    :class:`Watchdog`. Must run before anything starts JAX's backends.
+
+    The coordinator address, process count and id come from ``JAX_COORDINATOR_ADDRESS``,
+    ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` when set; on TPU VMs and under Slurm or Open MPI
+    JAX finds them itself. JAX's own heartbeat timeout is :data:`JAX_HEARTBEAT`: its
+    coordination service aborts every process (with a stack trace) when one stops for that long,
+    a backstop behind the :class:`Watchdog`, which speaks first.
+    """
     if not enabled() or jax.distributed.is_initialized():
         return
     num, pid = _env_int("JAX_NUM_PROCESSES"), _env_int("JAX_PROCESS_ID")
@@ -60,7 +57,7 @@ def initialize() -> None:
             num_processes=num,
             process_id=pid,
             heartbeat_timeout_seconds=JAX_HEARTBEAT,
-            shutdown_timeout_seconds=2 * LOST_AFTER,
+            shutdown_timeout_seconds=LOST_AFTER,
         )
     except (RuntimeError, ValueError, TypeError) as e:
         where = os.environ.get("JAX_COORDINATOR_ADDRESS", "the coordinator JAX detected")
@@ -85,10 +82,6 @@ def _client() -> Any:
     from jax._src import distributed  # the coordination service client JAX connected
 
     return distributed.global_state.client
-
-
-def process_count() -> int:
-    return jax.process_count()
 
 
 class Watchdog:
@@ -163,8 +156,8 @@ class Watchdog:
             return
         sys.stderr.write(
             f"gpt2jax: error: process {p} of {self.count} was lost ({why}: killed, crashed or "
-            f"its host failed); process {self.me} stops too. Once every process can run, "
-            "start them all again with --resume RUN\n"
+            f"its host failed); process {self.me} stops too. A finetune run continues from its "
+            "last checkpoint with `gpt2jax finetune --resume RUN` on every process\n"
         )
         sys.stderr.flush()
         os._exit(LOST_EXIT)

@@ -11,6 +11,7 @@ all of them after the same update).
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import sys
@@ -119,6 +120,25 @@ class Watchdog:
         except Exception:  # noqa: BLE001 - the coordinator may be gone already; nothing to tell
             pass
         cls._current = None
+
+    @classmethod
+    def abandon(cls) -> None:
+        """This process failed on its own: stops its heartbeat (without marking it done), so
+        that the others, which may be waiting for it in a collective, stop within
+        :data:`LOST_AFTER` seconds instead of waiting for its exit."""
+        dog = cls._current
+        if dog is not None:
+            dog._stop.set()
+            cls._current = None
+            # Registered after JAX's own clean-up, so it runs before it (atexit runs in reverse
+            # order): this process does not wait at JAX's shutdown barrier for the others.
+            atexit.register(_exit_now)
+
+
+def _exit_now() -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)
 
     def _beat(self) -> None:
         """Publishes a counter and reads everyone's (one RPC each way per interval)."""

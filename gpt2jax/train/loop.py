@@ -117,10 +117,29 @@ def finetune(
         :func:`gpt2jax.train.data.default_cache_dir`). show_progress: progress bars on stderr.
     """
     cluster.initialize()
+    try:
+        result = _prepare(os.path.abspath(os.fspath(out)), train, resume, overrides or {},
+                          cache_dir, show_progress).run()  # fmt: skip
+    except BaseException:
+        cluster.Watchdog.abandon()  # the other processes stop too (if any)
+        raise
+    cluster.Watchdog.finished()
+    return result
+
+
+def _prepare(
+    out: str,
+    train: TrainConfig | None,
+    resume: bool,
+    overrides: dict[str, Any],
+    cache_dir: Any,
+    show_progress: bool,
+) -> _Run:
+    """The run, ready to loop: settings checked, data loaded, steps compiled, state on the
+    devices (the starting weights' host copy is gone when this returns)."""
     return_freed_memory()
-    out = os.path.abspath(os.fspath(out))
     if resume:
-        config, train = _resumed_settings(out, overrides or {})
+        config, train = _resumed_settings(out, overrides)
         tokenizer = Tokenizer.from_dir(out)
         params = None  # from the checkpoint, or the starting model if there is none yet
     else:
@@ -139,10 +158,7 @@ def finetune(
         create = lambda: runs.create_run(out, config, train, tokenizer_dir)  # noqa: E731
         cluster.primary_first("create-run", create)  # the others wait for the directory
     run.start_state(params, resume)
-    del params  # the state holds the weights now; a host copy must not live on for the run
-    result = run.run()
-    cluster.Watchdog.finished()
-    return result
+    return run
 
 
 def _absolute_paths(train: TrainConfig) -> TrainConfig:

@@ -386,7 +386,11 @@ class Planner:
             windows = jax.ShapeDtypeStruct((rows, self.seq_len + 1), jnp.int32)
             weights = jax.ShapeDtypeStruct((rows, self.seq_len), jnp.float32)
             step = make_eval_step(recipe.model, None, loss_fn=recipe.loss_fn)
-            if self.fsdp is not None:
+            if self.fsdp is not None:  # global arrays: every device's rows
+                windows, weights = (
+                    jax.ShapeDtypeStruct((rows * self.n_devices, *x.shape[1:]), x.dtype)
+                    for x in (windows, weights)
+                )
                 params = self.fsdp.abstract(params)
                 compiled = self.fsdp.compile_eval_step(step).lower(params, windows, weights)
             else:

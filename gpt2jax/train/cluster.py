@@ -134,12 +134,6 @@ class Watchdog:
             # order): this process does not wait at JAX's shutdown barrier for the others.
             atexit.register(_exit_now)
 
-
-def _exit_now() -> None:
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(1)
-
     def _beat(self) -> None:
         """Publishes a counter and reads everyone's (one RPC each way per interval)."""
         n = 0
@@ -260,3 +254,9 @@ def _try_get(client: Any, key: str) -> str | None:
         return client.key_value_try_get(key)
     except Exception:  # noqa: BLE001 - NOT_FOUND
         return None
+
+
+def _exit_now() -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)

@@ -577,7 +577,7 @@ class _Run:
         if self.last_saved == step:
             return
         # Not the frozen part (LoRA's base model): it is the starting model's, never changed.
-        tree = (self.state.params, self.state.opt_state, self.state.rng)
+        tree = (self.state.params, self.state.opt_state)
         # The save must not read arrays the next step donates. On the CPU the "host copy" orbax
         # takes is a view of the same memory, so the save completes before training goes on;
         # elsewhere the arrays are copied to host memory (not device memory) and saved in the
@@ -587,9 +587,9 @@ class _Run:
         on_cpu = jax.default_backend() == "cpu"
         several = self.dp.process_count > 1
         if on_cpu or several:
-            params, opt_state, rng = self.dp.checkpoint_view(tree)
+            params, opt_state = self.dp.checkpoint_view(tree)
         else:
-            params, opt_state, rng = jax.device_get(tree)
+            params, opt_state = jax.device_get(tree)
         meta = {
             "step": step,
             "rng": np.asarray(self.state.rng.addressable_shards[0].data).tolist(),

@@ -265,6 +265,25 @@ def test_sigkill_of_one_process_stops_the_other_and_resume_matches(data_runs, wo
 
 
 @pytest.mark.slow
+def test_sigkill_of_process_0_stops_the_other(work, tmp_path):
+    """Process 0 holds JAX's coordination service: when it dies, JAX itself stops the others
+    (its own message, about the lost leader task), within 60 s too."""
+    run = tmp_path / "leader"
+    args = ["finetune", TINY_MODEL, "--out", str(run), *data_args(work), *DATA]
+    procs = start_pod(work, [*args, "--sample-every", "1"], tmp_path)
+    wait_for_checkpoint(run, procs, tmp_path)
+    procs[0].send_signal(signal.SIGKILL)
+    try:
+        procs[1].wait(timeout=60)
+    finally:
+        for p in procs:
+            p.kill()
+    err = (tmp_path / "p1.log").read_text()
+    assert procs[1].returncode not in (None, 0), err[-3000:]
+    assert "leader task" in err or "process 0 of 2 was lost" in err, err[-3000:]
+
+
+@pytest.mark.slow
 def test_sigterm_to_one_process_stops_both_after_the_same_update(data_runs, work, tmp_path):
     """SIGTERM reaches process 1 only (a preempted host): both save the same checkpoint and
     exit with 128 + SIGTERM; resumed, the run ends as the uninterrupted one, bitwise."""

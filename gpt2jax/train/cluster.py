@@ -205,17 +205,21 @@ def primary_first(name: str, fn: Callable[[], Any]) -> Any:
 
 class StopAgreement:
     """Makes a stop request (a signal) reaching any process stop every process after the same
-    update, so that they save one checkpoint together.
+    update, so that they save one checkpoint together, without adding a collective.
 
     :meth:`after` is called right after each update is dispatched, with the number of updates
-    dispatched, ``done``. One process: it stops there when it had a signal. Several: a process
-    with a signal publishes a request; every process that sees one publishes its ``done`` and
-    waits for everyone's, and all stop after the largest. None can be past it: a process that
-    has not published yet is at most one update ahead of one that waits (whose device runs
-    every update already dispatched), and publishes at its next update. At the last update
-    every process publishes (the end), so a request that comes too late ends the run normally
-    instead of waiting for processes that finished.
+    dispatched, ``done``. One process stops right there when it had a signal. With several, the
+    first process with a signal publishes ``stop at done + LEAD`` in the coordination service,
+    and every process reads it after each update (one key-value read, no waiting). None can be
+    past that update when it reads it: every loop iteration first waits for the metrics of the
+    update before last, which needs every process's dispatch of that update, so no process gets
+    more than two updates ahead of another's dispatches; and the one that published dispatches
+    its next update only after publishing. No process ever waits here, so none can be waiting
+    for a request while another waits for it in a collective (an evaluation, a save).
     """
+
+    #: Updates between a request and the stop: the most any process can have run ahead, plus 1.
+    LEAD = 3
 
     def __init__(self, steps: int) -> None:
         self.steps = steps
@@ -225,28 +229,28 @@ class StopAgreement:
 
     def after(self, done: int, signum: int | None) -> int | None:
         """The signal to stop on if the run stops after update ``done``, else None."""
-        if self._signal is None and signum is not None:
-            self._signal = signum
-            if self.several:
-                _client().key_value_set(f"{_PREFIX}stop/request", str(signum), allow_overwrite=True)
         if self._stop_at is None:
-            self._stop_at = self._agree(done)
+            self._stop_at = self._stop(done, signum)
         return self._signal if self._stop_at is not None and done >= self._stop_at else None
 
-    def _agree(self, done: int) -> int | None:
+    def _stop(self, done: int, signum: int | None) -> int | None:
+        """The update to stop after, once a request is known."""
         if not self.several:
-            return done if self._signal is not None else None
-        client = _client()
-        if self._signal is None:
-            request = _try_get(client, f"{_PREFIX}stop/request")
-            if request is None and done < self.steps:
-                return None
-            self._signal = None if request is None else int(request)
-        client.key_value_set(f"{_PREFIX}stop/at/{jax.process_index()}", str(done))
-        return max(
-            int(client.blocking_key_value_get(f"{_PREFIX}stop/at/{p}", _WAIT_MS))
-            for p in range(jax.process_count())
-        )
+            self._signal = signum
+            return None if signum is None else done
+        client, key = _client(), f"{_PREFIX}stop"
+        if signum is not None:
+            proposal = f"{min(done + self.LEAD, self.steps)} {signum}"
+            try:  # the first request wins; a later one reads it
+                client.key_value_set(key, proposal, allow_overwrite=False)
+            except Exception:  # noqa: BLE001 - ALREADY_EXISTS
+                pass
+        request = _try_get(client, key)
+        if request is None:
+            return None
+        stop_at, sig = (int(x) for x in request.split())
+        self._signal = sig
+        return stop_at
 
 
 def _try_get(client: Any, key: str) -> str | None:

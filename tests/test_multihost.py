@@ -151,6 +151,33 @@ def test_launch_rejects_bad_input(capsys):
     assert "--processes must be >= 1" in err[0] and "give a gpt2jax command" in err[1]
 
 
+def test_launch_forwards_signals_and_returns_the_first_failure(tmp_path):
+    """SIGTERM to the launcher reaches every process once; its status is theirs."""
+    import threading
+
+    from gpt2jax.cli.launch import _wait
+
+    child = (
+        "import signal, sys, time\n"
+        "signal.signal(signal.SIGTERM, lambda *a: sys.exit(10 + int(sys.argv[1])))\n"
+        "open(sys.argv[2], 'w').close()\n"
+        "time.sleep(60)\n"
+    )
+    ready = [tmp_path / f"ready{i}" for i in range(2)]
+    procs = [
+        subprocess.Popen([sys.executable, "-c", child, str(i), str(ready[i])]) for i in range(2)
+    ]
+
+    def terminate_when_ready():
+        while not all(r.exists() for r in ready):
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=terminate_when_ready, daemon=True).start()
+    assert _wait(procs) in (10, 11)
+    assert sorted(p.returncode for p in procs) == [10, 11]
+
+
 def test_one_process_stops_where_its_signal_arrived():
     agreement = StopAgreement(steps=10)
     assert agreement.after(3, None) is None

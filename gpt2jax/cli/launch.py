@@ -69,17 +69,27 @@ def _cmd_launch(args: argparse.Namespace) -> int:
         "JAX_PLATFORMS": "cpu",
         "JAX_NUM_CPU_DEVICES": str(args.cpu_devices),
     }
+    # Each in its own session: a Ctrl-C at the terminal reaches the launcher only, which
+    # forwards it once (twice would interrupt a run at once instead of checkpointing).
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "gpt2jax", *command], env={**env, "JAX_PROCESS_ID": str(i)}
+            [sys.executable, "-m", "gpt2jax", *command],
+            env={**env, "JAX_PROCESS_ID": str(i)},
+            start_new_session=True,
         )
         for i in range(args.processes)
     ]
-    return _wait(procs)
+    try:
+        return _wait(procs)
+    finally:
+        for p in procs:  # the launcher itself interrupted: no process outlives it
+            if p.poll() is None:
+                p.kill()
 
 
 def _wait(procs: list[subprocess.Popen]) -> int:
     """Waits for every process, forwarding SIGINT/SIGTERM; the first failure's exit status."""
+    from gpt2jax.train.cluster import JAX_HEARTBEAT
 
     def forward(signum: int, frame: Any) -> None:
         for p in procs:
@@ -87,8 +97,6 @@ def _wait(procs: list[subprocess.Popen]) -> int:
                 p.send_signal(signum)
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
-    from gpt2jax.train.cluster import JAX_HEARTBEAT
-
     failed: tuple[int, int] | None = None
     deadline = None  # after a failure, the others stop by themselves within JAX_HEARTBEAT s
     try:

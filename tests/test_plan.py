@@ -79,6 +79,7 @@ class FakePlanner:
     """Peaks from a formula instead of compiling: tests the search alone."""
 
     n_devices, seq_len, runtime = 1, 1024, 0
+    parallels = ("data",)
 
     def __init__(self):
         self.compiled: list[Candidate] = []
@@ -138,6 +139,30 @@ def test_search_gives_up_early_and_halves_an_unset_batch():
     assert len(fake.compiled) <= 2  # only the leanest were compiled
     chosen, rows = search(FakePlanner(), MemorySettings(), 3 * GiB, 8, batch_given=False)
     assert chosen is not None and chosen.batch_size < 8
+
+
+class FakeTwoWay(FakePlanner):
+    """Four devices, both parallel modes: FSDP holds a quarter of the state on each device."""
+
+    n_devices = 4
+    parallels = ("data", "fsdp")
+
+    def state_bytes(self, c: Candidate) -> int:
+        whole = super().state_bytes(c)
+        return whole // 4 if c.settings.parallel == "fsdp" else whole
+
+
+def test_search_takes_fsdp_when_data_parallel_does_not_fit_exactly():
+    """With several devices FSDP is a candidate: chosen over an approximation when exact data
+    parallelism does not fit, never when it does, and not at all with --parallel given."""
+    base = MemorySettings()
+    roomy, _ = search(FakeTwoWay(), base, 64 * GiB, 8)
+    assert roomy.settings.parallel == "data"
+    tight, rows = search(FakeTwoWay(), base, int(4.6 * GiB), 8)
+    assert tight.settings.parallel == "fsdp" and approximations(tight, base) == ()
+    assert any(r.candidate.settings.parallel == "data" and not r.fits for r in rows)
+    given, _ = search(FakeTwoWay(), base, int(4.6 * GiB), 8, fixed={"parallel"})
+    assert given.settings.parallel == "data" and approximations(given, base) != ()
 
 
 def test_user_settings_stay_fixed():

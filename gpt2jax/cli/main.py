@@ -15,6 +15,7 @@ import sys
 from collections.abc import Callable
 
 from gpt2jax.cli.generate import add_generate
+from gpt2jax.cli.launch import add_launch
 from gpt2jax.cli.plan import add_plan
 from gpt2jax.cli.train import add_eval, add_finetune
 from gpt2jax.errors import Gpt2JaxError
@@ -269,6 +270,7 @@ SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     add_finetune,
     add_eval,
     add_plan,
+    add_launch,
 ]
 
 

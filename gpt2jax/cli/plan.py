@@ -113,11 +113,9 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     base.validate()
     if args.grad_accum is not None:
         fixed.add("grad_accum")
-    planner = make_planner(config, args.seq_len, base)
-    print(
-        f"{args.model}: {config.num_params():,} parameters, seq-len {args.seq_len}, "
-        f"{planner.n_devices} device(s), {base.parallel} parallel; --memory {read_as}"
-    )
+    planner = make_planner(config, args.seq_len, base, fixed=fixed)
+    print(f"{args.model}: {config.num_params():,} parameters, seq-len {args.seq_len}, "
+          f"{where(planner)}; --memory {read_as}")  # fmt: skip
     print(header(budget), flush=True)
     chosen, rows = search(
         planner, base, budget, args.batch_size or 8, batch_given=args.batch_size is not None,
@@ -133,15 +131,30 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
-def make_planner(config: GPT2Config, seq_len: int, settings, sample_length: int = 64):
-    """A :class:`gpt2jax.train.memory.planner.Planner` over this process's devices for
-    ``settings.parallel``."""
+def make_planner(
+    config: GPT2Config, seq_len: int, settings, sample_length: int = 64, fixed=frozenset()
+):
+    """A planner over every device of the run (all processes' with ``GPT2JAX_DISTRIBUTED=1``):
+    for ``settings.parallel`` when ``"parallel"`` is in ``fixed`` or there is one device, else
+    for both data parallelism and FSDP
+    (:class:`gpt2jax.train.memory.planner.EitherParallel`)."""
     import jax
 
-    from gpt2jax.train.memory.planner import Planner
+    from gpt2jax.train.memory.planner import EitherParallel, Planner
+    from gpt2jax.train.sharding import FSDP
 
-    if settings.parallel == "fsdp":
-        from gpt2jax.train.sharding import FSDP
+    data = Planner(config, seq_len, n_devices=jax.device_count(), sample_length=sample_length)
+    if settings.parallel == "data" and ("parallel" in fixed or jax.device_count() == 1):
+        return data
+    fsdp = Planner(config, seq_len, fsdp=FSDP(), sample_length=sample_length)
+    if "parallel" in fixed or jax.device_count() == 1:
+        return fsdp
+    return EitherParallel(data, fsdp)
 
-        return Planner(config, seq_len, fsdp=FSDP(), sample_length=sample_length)
-    return Planner(config, seq_len, n_devices=jax.local_device_count(), sample_length=sample_length)
+
+def where(planner) -> str:
+    """``8 device(s) in 2 process(es), data or fsdp parallel``."""
+    import jax
+
+    modes = " or ".join(planner.parallels)
+    return f"{planner.n_devices} device(s) in {jax.process_count()} process(es), {modes} parallel"

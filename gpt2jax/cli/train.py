@@ -118,6 +118,9 @@ def _given(args: argparse.Namespace) -> dict:
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
+    import jax
+
+    from gpt2jax.train import cluster
     from gpt2jax.train.loop import finetune
     from gpt2jax.train.settings import TrainConfig
 
@@ -133,14 +136,16 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     else:
         if not args.out:
             raise ConfigError("--out RUN is required (the run directory to create)")
-        if args.memory:
-            given.update(_planned(args, given))
+        if args.memory:  # process 0 plans, for every process
+            given.update(cluster.primary_first("plan", lambda: _planned(args, given)))
         train = TrainConfig(
             model=args.model, data=args.data or [], val_data=args.val_data or [], **given
         )
         result = finetune(args.out, train)
     if result.interrupted:
         return 128 + result.interrupted
+    if jax.process_index() != 0:  # one process of several: process 0 reports
+        return 0
     parts = [f"step {result.step}"]
     if result.loss is not None:
         parts.append(f"loss {result.loss:.4f}")
@@ -153,7 +158,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
 def _planned(args: argparse.Namespace, given: dict) -> dict:
     """The settings ``--memory`` chooses (:func:`gpt2jax.train.memory.planner.search`), the table
     on stderr."""
-    from gpt2jax.cli.plan import make_planner, model_config, settings_from_args
+    from gpt2jax.cli.plan import make_planner, model_config, settings_from_args, where
     from gpt2jax.config import get_preset
     from gpt2jax.train.memory.planner import (
         approximate_settings,
@@ -174,13 +179,9 @@ def _planned(args: argparse.Namespace, given: dict) -> dict:
     fixed |= {"grad_accum"} & set(given)
     defaults = TrainConfig()
     seq_len = min(given.get("seq_len") or 1024, config.n_ctx)
-    planner = make_planner(
-        config,
-        seq_len,
-        base,
-        sample_length=given.get("sample_length", defaults.logging.sample_length),
-    )
-    print(f"--memory {read_as}", file=sys.stderr)
+    sample_length = given.get("sample_length", defaults.logging.sample_length)
+    planner = make_planner(config, seq_len, base, sample_length=sample_length, fixed=fixed)
+    print(f"--memory {read_as}: {where(planner)}", file=sys.stderr)
     print(header(budget), file=sys.stderr, flush=True)
     chosen, rows = search(
         planner, base, budget, given.get("batch_size", defaults.dataset.batch_size),
@@ -290,9 +291,11 @@ def cache_compiled_code() -> None:
     """
     import jax
 
+    from gpt2jax.train import cluster
     from gpt2jax.train.data import cache_root
-    from gpt2jax.train.step import initialize_distributed
 
-    initialize_distributed()  # before anything starts JAX's backends
+    cluster.initialize()  # before anything starts JAX's backends
+    if jax.process_index() != 0:  # process 0 says what the run does; the others only warn
+        logging.getLogger("gpt2jax").setLevel(logging.WARNING)
     if not os.environ.get("JAX_COMPILATION_CACHE_DIR") and jax.default_backend() != "cpu":
         jax.config.update("jax_compilation_cache_dir", os.path.join(cache_root(), "jax"))

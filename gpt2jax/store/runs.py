@@ -159,13 +159,19 @@ class Checkpoints:
     ``checkpoints/.deleted`` (emptied here), never by deleting it in place. A save that fails
     (a full disk) raises a one-line :class:`CheckpointError` naming the step, and the older
     checkpoints are kept.
+
+    With several processes every one of them saves and restores (each writes the shards it
+    holds; orbax synchronises them), and only the ``primary`` (process 0) empties the trash.
     """
 
-    def __init__(self, run_path: str, keep: int, largest_leaf: int = 0) -> None:
+    def __init__(
+        self, run_path: str, keep: int, largest_leaf: int = 0, primary: bool = True
+    ) -> None:
         import orbax.checkpoint as ocp
 
         self._ocp = ocp
         self.run_path = run_path
+        self.primary = primary
         self.directory = os.path.join(os.path.abspath(run_path), CHECKPOINTS)
         self._saving: int | None = None  # the step of the asynchronous save in flight
         self._failed = False
@@ -278,6 +284,8 @@ class Checkpoints:
     def _empty_trash(self, idle: bool = False) -> None:
         """Deletes the steps orbax moved aside; ``idle`` (no save in flight, so none is being
         moved there now): the directory too."""
+        if not self.primary:
+            return
         trash = os.path.join(self.directory, TRASH)
         if os.path.isdir(trash):
             for name in os.listdir(trash):

@@ -34,6 +34,7 @@ from gpt2jax.progress import progress_bar
 from gpt2jax.store import runs
 from gpt2jax.store.sizes import resolve_model
 from gpt2jax.tokenizer import Tokenizer
+from gpt2jax.train import cluster
 from gpt2jax.train.batches import Prefetcher, WindowSampler, eval_windows, spread
 from gpt2jax.train.data import check_vocab, load_tokens, split_tail
 from gpt2jax.train.memory.build import build
@@ -44,7 +45,6 @@ from gpt2jax.train.step import (
     AXIS,
     DataParallel,
     TrainState,
-    initialize_distributed,
     make_eval_step,
     make_train_step,
 )
@@ -120,12 +120,30 @@ def finetune(
     and the last good checkpoint (nothing is saved after the bad step); with ``skip_nonfinite``
     such updates are skipped instead and counted.
     """
-    initialize_distributed()
+    cluster.initialize()
+    try:
+        result = _prepare(os.path.abspath(os.fspath(out)), train, resume, overrides or {},
+                          cache_dir, show_progress).run()  # fmt: skip
+    except BaseException:
+        cluster.Watchdog.abandon()  # the other processes stop too (if any)
+        raise
+    cluster.Watchdog.finished()
+    return result
+
+
+def _prepare(
+    out: str,
+    train: TrainConfig | None,
+    resume: bool,
+    overrides: dict[str, Any],
+    cache_dir: Any,
+    show_progress: bool,
+) -> _Run:
+    """The run, ready to loop: settings checked, data loaded, steps compiled, state on the
+    devices (the starting weights' host copy is gone when this returns)."""
     return_freed_memory()
-    primary = jax.process_index() == 0  # the one process that writes the run's own files
-    out = os.path.abspath(os.fspath(out))
     if resume:
-        config, train = _resumed_settings(out, overrides or {})
+        config, train = _resumed_settings(out, overrides)
         tokenizer = Tokenizer.from_dir(out)
         params = None  # from the checkpoint, or the starting model if there is none yet
     else:
@@ -133,8 +151,8 @@ def finetune(
             raise ConfigError("finetune needs a TrainConfig for a new run")
         train = _absolute_paths(train)
         train.validate()
-        if primary:
-            runs.check_new_run(out)
+        # Process 0 alone writes the run's own files (run.json, metrics, samples, plot).
+        cluster.primary_first("check-new-run", lambda: runs.check_new_run(out))
         config, params, tokenizer, tokenizer_dir = _starting_model(train)
         train = _resolve_seq_len(train, config)
         if (
@@ -142,11 +160,11 @@ def finetune(
         ):  # recorded, so that a resume keeps the lr's horizon
             train = train.replace(schedule_steps=train.schedule.steps)
     run = _Run(out, config, train, tokenizer, cache_dir, show_progress)
-    if not resume and primary:  # only once the data and settings have proved usable
-        runs.create_run(out, config, train, tokenizer_dir)
+    if not resume:  # only once the data and settings have proved usable
+        create = lambda: runs.create_run(out, config, train, tokenizer_dir)  # noqa: E731
+        cluster.primary_first("create-run", create)  # the others wait for the directory
     run.start_state(params, resume)
-    del params  # the state holds the weights now; a host copy must not live on for the run
-    return run.run()
+    return run
 
 
 def _absolute_paths(train: TrainConfig) -> TrainConfig:
@@ -187,7 +205,8 @@ def _resumed_settings(out: str, overrides: dict[str, Any]) -> tuple[GPT2Config, 
     if overrides:
         train = train.replace(**overrides)
         train.validate()
-        runs.write_run_json(out, config, train)
+        if jax.process_index() == 0:
+            runs.write_run_json(out, config, train)
     return config, train
 
 
@@ -354,7 +373,9 @@ class _Run:
         self.p_train_step = self.dp.compile_train_step(step)
         eval_step = make_eval_step(self.eval_model, axis, loss_fn=evaluation.loss_fn)
         self.p_eval_step = self.dp.compile_eval_step(eval_step)
-        if isinstance(self.dp, DataParallel):
+        # pmap over several processes takes only concrete arrays (it makes them global): there
+        # the steps compile on their first call.
+        if isinstance(self.dp, DataParallel) and self.dp.process_count == 1:
             self._compile_ahead()
 
     def _compile_ahead(self) -> None:
@@ -377,7 +398,9 @@ class _Run:
         is one), else a fresh one from ``params`` (or the starting model's)."""
         shapes, _ = self.recipe.abstract_params()
         largest = max(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes))
-        self.ckpts = runs.Checkpoints(self.out, self.train.logging.keep, largest_leaf=largest)
+        self.ckpts = runs.Checkpoints(
+            self.out, self.train.logging.keep, largest_leaf=largest, primary=self.primary
+        )
         self.start = self._restore() if resume else None
         self.last_saved = self.start
         if self.start is None:
@@ -398,7 +421,7 @@ class _Run:
             return self.dp.init(lambda: create(init_params(self.config, t.run.seed)))
         if params is None:
             params = _initial_params(t, self.config)
-        _to_devices(params)
+        self.dp.to_devices(params)
         return self.dp.init(create, params, donate=True)
 
     def _restore(self) -> int | None:
@@ -408,9 +431,9 @@ class _Run:
             return None
         shapes, _ = self.recipe.abstract_params()
         opt_shapes = jax.eval_shape(self.tx.init, shapes)
-        if self.train.memory_settings.parallel == "fsdp":  # restored straight into its shards
-            shapes, opt_shapes = self.dp.abstract(shapes), self.dp.abstract(opt_shapes)
+        shapes, opt_shapes = self.dp.restore_target((shapes, opt_shapes))
         params, opt_state, meta = self.ckpts.restore(step, shapes, opt_shapes)
+        params, opt_state = self.dp.from_checkpoint((params, opt_state))
         frozen = None
         if (
             self.train.memory_settings.lora_rank
@@ -422,10 +445,10 @@ class _Run:
                 "the new data, so it is no longer an exact continuation", self.out, step,
             )  # fmt: skip
         state = TrainState(
-            step=jnp.asarray(step, jnp.int32),
+            step=np.asarray(step, np.int32),
             params=params,
             opt_state=opt_state,
-            rng=jnp.asarray(meta["rng"], jnp.uint32),
+            rng=np.asarray(meta["rng"], np.uint32),
             frozen=frozen,
         )
         self.state = self.dp.init(lambda s: s, state, donate=True)
@@ -436,7 +459,10 @@ class _Run:
 
     def run(self) -> FinetuneResult:
         t = self.train
-        rows = self.dp.process_rows(t.dataset.batch_size)
+        rows = self.dp.process_rows(
+            t.dataset.batch_size, t.dataset.grad_accum
+        )  # only this process's windows
+        agreement = cluster.StopAgreement(t.schedule.steps)
         prefetch = Prefetcher(
             lambda s: self.dp.shard(self.sampler.batch(s, rows), t.dataset.grad_accum),
             self.start,
@@ -468,12 +494,14 @@ class _Run:
                 for step in range(self.start, t.schedule.steps):
                     batch = prefetch.next()
                     self.state, step_metrics = self.p_train_step(self.state, batch)
+                    done = step + 1
+                    # Every process stops after the same update (before any collective below)
+                    signum = agreement.after(done, stop.get("signal"))
                     if pending is not None:
                         self._record(*pending)
                     pending = (step + 1, step_metrics)
-                    done = step + 1
                     last = done == t.schedule.steps
-                    stopping = "signal" in stop  # read once: a signal may arrive any time
+                    stopping = signum is not None
                     due = (
                         _due(done, t.logging.eval_every) and len(self.val_windows),
                         _due(done, t.logging.sample_every) or (last and t.logging.sample_every > 0),
@@ -489,7 +517,7 @@ class _Run:
                     if due[2]:
                         self._save(done)
                     if stopping:
-                        interrupted = stop["signal"]
+                        interrupted = signum
                         log.info(
                             "%s at step %d: checkpoint saved; continue with "
                             "gpt2jax finetune --resume %s",
@@ -559,10 +587,14 @@ class _Run:
         from gpt2jax.generation.host import generate
 
         t = self.train
-        # The state's own arrays (read only; sampling ends before the next step donates them).
+        # The state's own arrays on one process (read only; sampling ends before the next step
+        # donates them); with several, process 0 samples alone (see sample_params).
+        params = self.dp.sample_params((self.state.params, self.state.frozen))
+        if params is None:
+            return
         model = Pretrained(
             config=self.config,
-            params=self.recipe.merged(*self.dp.local_view((self.state.params, self.state.frozen))),
+            params=self.recipe.merged(*params),
             tokenizer=self.tokenizer,
             path=self.out,
             kind="run",
@@ -591,16 +623,22 @@ class _Run:
         if self.last_saved == step:
             return
         # Not the frozen part (LoRA's base model): it is the starting model's, never changed.
-        tree = (self.state.params, self.state.opt_state, self.state.rng)
+        tree = (self.state.params, self.state.opt_state)
         # The save must not read arrays the next step donates. On the CPU the "host copy" orbax
         # takes is a view of the same memory, so the save completes before training goes on;
         # elsewhere the arrays are copied to host memory (not device memory) and saved in the
         # background.
+        # With several processes the arrays go to orbax as they are (global arrays: orbax copies
+        # them to host memory before save returns, and each process writes its own shards).
         on_cpu = jax.default_backend() == "cpu"
-        params, opt_state, rng = self.dp.local_view(tree) if on_cpu else jax.device_get(tree)
+        several = self.dp.process_count > 1
+        if on_cpu or several:
+            params, opt_state = self.dp.checkpoint_view(tree)
+        else:
+            params, opt_state = jax.device_get(tree)
         meta = {
             "step": step,
-            "rng": np.asarray(rng).tolist(),
+            "rng": np.asarray(self.state.rng.addressable_shards[0].data).tolist(),
             "data": self.sampler.state(step),
             "data_key": self.data_key,
             "loss": self.loss,
@@ -630,16 +668,6 @@ def return_freed_memory() -> None:
         return
     libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD: fixed, so it no longer grows
     libc.mallopt(-1, 1 << 20)  # M_TRIM_THRESHOLD: give back free heap tops above 1 MiB
-
-
-def _to_devices(tree: dict) -> None:
-    """Replaces every host leaf of the nested dict ``tree`` by a device array, in place, so that
-    each host array can be freed as soon as it is copied."""
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            _to_devices(value)
-        else:
-            tree[key] = jnp.asarray(value)
 
 
 def _initial_params(train: TrainConfig, config: GPT2Config) -> Any:

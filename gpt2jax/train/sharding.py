@@ -4,6 +4,7 @@ Fully-sharded data parallelism (ZeRO-3; PyTorch FSDP) in JAX's own terms: a 1-D 
 every large array of the train state split along one dimension (:data:`RULES`), the batch split
 along its batch dimension, and ``jax.jit`` with those shardings; XLA's SPMD partitioner inserts
 the collectives (:class:`FSDP`). Each device holds ``1/n`` of the state plus one layer's weights.
+With several processes (:mod:`gpt2jax.train.cluster`) the mesh spans them all; arrays are global.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -97,8 +97,9 @@ class FSDP:
         #: a batch ``(A, b, T + 1)``: the ``b`` windows of each micro-batch split over devices
         self.batch_sharding = NamedSharding(self.mesh, PartitionSpec(None, AXIS))
 
-    process_count = 1  # one process (see the class docstring)
-    process_index = 0
+        self.process_count = jax.process_count()
+        self.process_index = jax.process_index()
+        self._gather = jax.jit(lambda x: x, out_shardings=self.replicated)
 
     def check_batch(self, batch_size: int, grad_accum: int) -> int:
         """Windows per device per micro-batch; a clear error if the batch does not split."""
@@ -136,12 +137,69 @@ class FSDP:
         """``fn(*args)`` computed straight into its sharding (never whole on one device), e.g.
         the optimizer state: ``fsdp.init(tx.init, params)``; ``args`` are arrays, consumed with
         ``donate``."""
+        args = tuple(self._global(a) for a in args)
         shapes = jax.eval_shape(fn, *args)
         donated = tuple(range(len(args))) if donate else ()
         return jax.jit(fn, out_shardings=self.shardings(shapes), donate_argnums=donated)(*args)
 
+    def _global(self, tree: Any) -> Any:
+        """With several processes, host values and this process's own arrays (a step counter,
+        LoRA's base weights) put onto their sharding, which a computation over every process
+        needs; the same values on every process."""
+        if self.process_count == 1:
+            return tree
+
+        def put(x: Any, sharding: NamedSharding) -> Any:
+            if isinstance(x, jax.Array) and not x.is_fully_addressable:
+                return x
+            return jax.device_put(np.asarray(x), sharding)
+
+        return jax.tree.map(put, tree, self.shardings(tree))
+
     def local_view(self, tree: Any) -> Any:
         """The arrays themselves (sharded; jit gathers what it needs): valid until donated."""
+        return tree
+
+    def sample_params(self, tree: Any) -> Any:
+        """What process 0 samples from: one process, the sharded arrays themselves; several
+        (whose arrays no single process can read), a host copy gathered one leaf at a time on
+        process 0, None on the others (every process takes part in each gather)."""
+        if self.process_count == 1:
+            return tree
+
+        def gather(x: jax.Array) -> np.ndarray | None:
+            whole = self._gather(x)
+            host = np.array(whole.addressable_shards[0].data) if self.process_index == 0 else None
+            whole.delete()
+            return host
+
+        leaves, treedef = jax.tree.flatten(tree)
+        gathered = [gather(x) for x in leaves]
+        return jax.tree.unflatten(treedef, gathered) if self.process_index == 0 else None
+
+    def to_devices(self, tree: dict) -> None:
+        """Replaces every host leaf of the nested dict ``tree`` by its shards on the devices,
+        in place (this process's shards only), so that each host array can be freed as soon as
+        it is placed and no device ever holds a whole leaf."""
+
+        def place(node: dict, shardings: dict) -> None:
+            for key, value in node.items():
+                if isinstance(value, dict):
+                    place(value, shardings[key])
+                else:
+                    node[key] = jax.device_put(np.asarray(value), shardings[key])
+
+        place(tree, self.shardings(tree))
+
+    def checkpoint_view(self, tree: Any) -> Any:
+        """The arrays themselves: orbax writes each shard from the process that holds it."""
+        return tree
+
+    def restore_target(self, shapes: Any) -> Any:
+        """Restored straight into the FSDP shards (:meth:`abstract`)."""
+        return self.abstract(shapes)
+
+    def from_checkpoint(self, tree: Any) -> Any:
         return tree
 
     def compile_train_step(self, train_step: Callable, state_shapes: Any = None) -> Callable:
@@ -176,22 +234,36 @@ class FSDP:
         return step
 
     def shard(self, rows: np.ndarray, grad_accum: int = 1) -> jax.Array:
-        """A global batch ``(B, ...)`` as ``(grad_accum, B / grad_accum, ...)``, split over devices
-        along its second axis."""
+        """This process's rows of a global batch (:meth:`process_rows`) as the global batch
+        ``(grad_accum, B / grad_accum, ...)``, split over devices along its second axis."""
         split = rows.reshape(grad_accum, rows.shape[0] // grad_accum, *rows.shape[1:])
-        return jax.device_put(split, self.batch_sharding)
+        if self.process_count == 1:
+            return jax.device_put(split, self.batch_sharding)
+        shape = (grad_accum, split.shape[1] * self.process_count, *rows.shape[1:])
+        return jax.make_array_from_process_local_data(self.batch_sharding, split, shape)
 
-    def process_rows(self, batch_size: int) -> slice:
-        return slice(None)
+    def _local_block(self, n: int) -> slice:
+        """The rows ``[start, stop)`` of ``n`` that this process's devices hold when rows are
+        split over the mesh (contiguous: the mesh lists each process's devices together)."""
+        rows = NamedSharding(self.mesh, PartitionSpec(AXIS))
+        slices = [i[0] for i in rows.addressable_devices_indices_map((n,)).values()]
+        start, stop = min(s.start for s in slices), max(s.stop for s in slices)
+        if stop - start != sum(s.stop - s.start for s in slices):
+            raise ConfigError("this process's devices are not contiguous in the FSDP mesh")
+        return slice(start, stop)
+
+    def process_rows(self, batch_size: int, grad_accum: int = 1) -> np.ndarray:
+        """Indices of this process's windows in a global batch: in each of the ``grad_accum``
+        micro-batches, the block of rows its devices hold."""
+        micro = batch_size // grad_accum
+        block = self._local_block(micro)
+        offsets = np.arange(grad_accum)[:, None] * micro
+        return (offsets + np.arange(block.start, block.stop)[None, :]).reshape(-1)
 
     def replicate(self, tree: Any) -> Any:
         """The train state (or any tree) put on the devices, sharded (the name is
         :class:`~gpt2jax.train.step.DataParallel`'s, whose state is replicated)."""
         return self.place(tree)
-
-    def unreplicate(self, tree: Any) -> Any:
-        """A copy of ``tree`` that a later donated step cannot overwrite (still sharded)."""
-        return jax.tree.map(lambda x: jnp.array(x, copy=True), tree)
 
     def compile_eval_step(self, eval_step: Callable) -> Callable:
         """``eval_step(params, windows, weights)`` jitted with the rows split over devices."""
@@ -213,11 +285,19 @@ class FSDP:
         n = -(-len(windows) // chunk) * chunk
         pad = ((0, n - len(windows)), (0, 0))
         windows, weights = np.pad(windows, pad), np.pad(weights, pad)
+        rows = NamedSharding(self.mesh, PartitionSpec(AXIS))
+        mine = self._local_block(chunk)  # every process evaluates only its rows
+
+        def put(x: np.ndarray) -> Any:
+            if self.process_count == 1:
+                return x
+            return jax.make_array_from_process_local_data(rows, x[mine], x.shape)
+
         loss_sum, count = 0.0, 0.0
         with progress_bar(n // chunk, "evaluating", unit="batch", enabled=show_progress) as bar:
             for i in range(0, n, chunk):
                 out = jax.device_get(
-                    eval_step(params, windows[i : i + chunk], weights[i : i + chunk])
+                    eval_step(params, put(windows[i : i + chunk]), put(weights[i : i + chunk]))
                 )
                 loss_sum += float(out["loss_sum"])
                 count += float(out["count"])

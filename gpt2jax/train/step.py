@@ -4,13 +4,12 @@
 of a :class:`TrainState` and a batch of token windows; its loss and gradients are Hugging Face's
 ``GPT2LMHeadModel``'s (tested against ``torch.autograd``), and memory options, which enter only
 through ``loss_fn`` and the optimizer (:mod:`gpt2jax.train.memory.build`), leave them unchanged.
-:class:`DataParallel` runs it over this process's devices (several hosts:
-:func:`initialize_distributed`).
+:class:`DataParallel` runs it over this process's devices; with several processes
+(:mod:`gpt2jax.train.cluster`) ``pmean`` spans every process's devices.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -207,20 +206,6 @@ def make_eval_step(
     return eval_step
 
 
-def initialize_distributed() -> None:
-    """``jax.distributed.initialize()`` when ``GPT2JAX_DISTRIBUTED=1`` (once per process).
-
-    Several hosts (a TPU pod, several GPU machines): set ``GPT2JAX_DISTRIBUTED=1`` on every host
-    (plus ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` where JAX
-    cannot detect the cluster itself) and start the same command on each; each process then
-    feeds its own share of every global batch to its local devices (:class:`DataParallel`), and
-    ``pmean`` reduces over all devices of all hosts. Written for, but not yet run on, several
-    hosts: the tests cover one process with up to 8 devices.
-    """
-    if os.environ.get("GPT2JAX_DISTRIBUTED") == "1" and not jax.distributed.is_initialized():
-        jax.distributed.initialize()
-
-
 class DataParallel:
     """Data parallelism with ``jax.pmap`` over this process's devices.
 
@@ -249,6 +234,9 @@ class DataParallel:
         mesh = Mesh(np.array(self.devices), (AXIS,))
         self.sharding = NamedSharding(mesh, PartitionSpec(AXIS))  # batches: split
         self.replicated = NamedSharding(mesh, PartitionSpec())  # state: a copy on each device
+        # The same state seen as one array over every process's devices (checkpoints).
+        everywhere = Mesh(np.array(jax.devices()), (AXIS,))
+        self.global_replicated = NamedSharding(everywhere, PartitionSpec())
         # pmap takes an explicit device list only within one process.
         self._pmap_devices = self.devices if self.process_count == 1 else None
 
@@ -263,8 +251,9 @@ class DataParallel:
             )
         return batch_size // parts
 
-    def process_rows(self, batch_size: int) -> slice:
-        """This process's rows of a global batch."""
+    def process_rows(self, batch_size: int, grad_accum: int = 1) -> slice:
+        """This process's rows of a global batch (a contiguous share, split further over its
+        devices and micro-batches by :meth:`shard`)."""
         share = batch_size // self.process_count
         return slice(self.process_index * share, (self.process_index + 1) * share)
 
@@ -288,14 +277,60 @@ class DataParallel:
         """
         return jax.tree.map(lambda x: jax.device_put(x, self.replicated, may_alias=False), tree)
 
-    def unreplicate(self, tree: Any) -> Any:
-        """The first device's copy of every leaf (a fresh array, safe from later donation)."""
-        return jax.tree.map(lambda x: jnp.array(x.addressable_shards[0].data, copy=True), tree)
-
     def local_view(self, tree: Any) -> Any:
         """The first device's copy of every leaf, not copied: valid until the arrays are
         donated to the next step."""
         return jax.tree.map(lambda x: x.addressable_shards[0].data, tree)
+
+    def sample_params(self, tree: Any) -> Any:
+        """What process 0 samples from (:meth:`local_view`); None on the other processes,
+        which write no samples."""
+        return self.local_view(tree) if self.process_index == 0 else None
+
+    def to_devices(self, tree: dict) -> None:
+        """Replaces every host leaf of the nested dict ``tree`` by a device array, in place, so
+        that each host array can be freed as soon as it is copied (:meth:`init` then replicates
+        them)."""
+        for key, value in tree.items():
+            if isinstance(value, dict):
+                self.to_devices(value)
+            else:
+                tree[key] = jnp.asarray(value)
+
+    def checkpoint_view(self, tree: Any) -> Any:
+        """The state as orbax saves it, without copies. One process: the first device's copy
+        of every leaf. Several: every leaf as one global array replicated over all processes'
+        devices (made of the local copies), so that orbax writes it once for all processes,
+        not once per process into the same files."""
+        if self.process_count == 1:
+            return self.local_view(tree)
+        return jax.tree.map(
+            lambda x: jax.make_array_from_single_device_arrays(
+                x.shape, self.global_replicated, [s.data for s in x.addressable_shards]
+            ),
+            tree,
+        )
+
+    def restore_target(self, shapes: Any) -> Any:
+        """Abstract leaves to restore a checkpoint onto: as saved with one process, global
+        replicated arrays with several (:meth:`from_checkpoint` makes them local again)."""
+        if self.process_count == 1:
+            return shapes
+        return jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self.global_replicated),
+            shapes,
+        )
+
+    def from_checkpoint(self, tree: Any) -> Any:
+        """Restored arrays as this process's arrays (the same buffers)."""
+        if self.process_count == 1:
+            return tree
+        return jax.tree.map(
+            lambda x: jax.make_array_from_single_device_arrays(
+                x.shape, self.replicated, [s.data for s in x.addressable_shards]
+            ),
+            tree,
+        )
 
     def init(self, fn: Callable[..., Any], *args: Any, donate: bool = False) -> Any:
         """``fn(*args)`` computed straight into the replicated sharding (e.g. the train state);

@@ -35,6 +35,9 @@ STATE_COST = {
     ("adafactor", "float32"): 1.02,
 }
 SGD_COST = {("sgd", "float32"): 1.0, ("sgd", "bfloat16"): 1.01}
+#: FSDP gathers every layer's weights in the forward and backward passes and reduce-scatters the
+#: gradients: more traffic than data parallelism's one all-reduce (a rough guess, not measured)
+PARALLEL_COST = {"data": 1.0, "fsdp": 1.1}
 TOKENS_TO_FILL = 2048  # micro-batch tokens per device below which a device idles noticeably
 
 
@@ -55,7 +58,8 @@ class Candidate:
         state = s.optimizer + (" bf16-state" if s.opt_state_dtype == "bfloat16" else "")
         loss = f"loss-chunk {s.loss_chunk}" if s.loss_chunk else "plain loss"
         split = f"batch {self.micro_batch}x{self.grad_accum}"
-        return f"remat {s.remat:<5} {state:<16} {split:<10} {loss}"
+        fsdp = " fsdp" if s.parallel == "fsdp" else ""
+        return f"remat {s.remat:<5} {state:<16} {split:<10} {loss}{fsdp}"
 
 
 @dataclasses.dataclass
@@ -152,11 +156,13 @@ def expected_cost(c: Candidate, seq_len: int, n_devices: int) -> float:
     tokens = c.micro_batch * seq_len / n_devices  # per device per micro-batch
     fill = 1.0 + TOKENS_TO_FILL / (TOKENS_TO_FILL + 4 * tokens)
     state = {**STATE_COST, **SGD_COST}[(s.optimizer, s.opt_state_dtype)]
-    return REMAT_COST[s.remat] * state * fill * (1.02 if s.loss_chunk else 1.0)
+    cost = REMAT_COST[s.remat] * state * fill * PARALLEL_COST[s.parallel]
+    return cost * (1.02 if s.loss_chunk else 1.0)
 
 
-#: The settings the search varies (any of them can be fixed by the user).
-SEARCHED = ("remat", "optimizer", "opt_state_dtype", "loss_chunk", "grad_accum")
+#: The settings the search varies (any of them can be fixed by the user; ``parallel`` is
+#: searched when the planner can plan both, :class:`EitherParallel`).
+SEARCHED = ("remat", "optimizer", "opt_state_dtype", "loss_chunk", "grad_accum", "parallel")
 
 
 def candidates(
@@ -166,10 +172,11 @@ def candidates(
     fixed: Collection[str] = (),
     grad_accum: int = 1,
     seq_len: int = 1024,
+    parallels: Collection[str] = (),
 ) -> list[Candidate]:
     """Every configuration the search may try. Settings named in ``fixed`` keep ``base``'s value
     (``grad_accum``'s is the argument). The loss is chunked only for sequences longer than a
-    chunk."""
+    chunk. ``parallels``: the modes to try besides ``base.parallel`` (unless fixed)."""
     states = list(SGD_COST) if base.optimizer == "sgd" else list(STATE_COST)
     if "optimizer" in fixed:
         states = [(o, d) for o, d in states if o == base.optimizer]
@@ -189,9 +196,14 @@ def candidates(
             f"--batch-size {batch_size} does not split over {n_devices} device(s)"
             + (f" and --grad-accum {grad_accum}" if "grad_accum" in fixed else "")
         )
+    modes = [base.parallel]
+    if "parallel" not in fixed:
+        modes += [p for p in parallels if p != base.parallel]
     return [
         Candidate(
-            dataclasses.replace(base, remat=r, optimizer=o, opt_state_dtype=d, loss_chunk=ch),
+            dataclasses.replace(
+                base, remat=r, optimizer=o, opt_state_dtype=d, loss_chunk=ch, parallel=p
+            ),
             batch_size,
             a,
         )
@@ -199,6 +211,7 @@ def candidates(
         for o, d in states
         for a in splits
         for ch in chunks
+        for p in modes
     ]
 
 
@@ -213,6 +226,7 @@ def _memory_rank(c: Candidate) -> tuple:
         c.micro_batch,
         c.grad_accum > 1,
         -bool(s.loss_chunk),
+        s.parallel == "data",  # a whole copy of the state on every device
     )
 
 
@@ -250,6 +264,11 @@ class Planner:
         self.sample_length = sample_length
         self._runtime = runtime
         self._eval_temp: dict[tuple, int] = {}
+
+    @property
+    def parallels(self) -> tuple[str, ...]:
+        """The parallel mode this planner plans (:class:`EitherParallel` plans both)."""
+        return ("fsdp",) if self.fsdp is not None else ("data",)
 
     @property
     def runtime(self) -> int:
@@ -350,7 +369,11 @@ class Planner:
             windows = jax.ShapeDtypeStruct((rows, self.seq_len + 1), jnp.int32)
             weights = jax.ShapeDtypeStruct((rows, self.seq_len), jnp.float32)
             step = make_eval_step(recipe.model, None, loss_fn=recipe.loss_fn)
-            if self.fsdp is not None:
+            if self.fsdp is not None:  # global arrays: every device's rows
+                windows, weights = (
+                    jax.ShapeDtypeStruct((rows * self.n_devices, *x.shape[1:]), x.dtype)
+                    for x in (windows, weights)
+                )
                 params = self.fsdp.abstract(params)
                 compiled = self.fsdp.compile_eval_step(step).lower(params, windows, weights)
             else:
@@ -373,6 +396,28 @@ class Planner:
         logits = rows * prompt * cfg.n_vocab * 4 * 2  # logits and their softmax
         layer = 0 if jax.default_backend() == "cpu" else 12 * cfg.n_embd**2 * 4
         return cache + logits + layer + rows * prompt * 4 * cfg.n_embd * 4 * 4
+
+
+class EitherParallel:
+    """Plans data parallelism and FSDP over the same devices, each candidate by its own
+    ``settings.parallel``: with more than one device the search tries both (FSDP costs more
+    traffic, so it is chosen when data parallelism does not fit exactly)."""
+
+    parallels = ("data", "fsdp")
+
+    def __init__(self, data: Planner, fsdp: Planner) -> None:
+        self._planners = {"data": data, "fsdp": fsdp}
+        self.n_devices, self.seq_len = data.n_devices, data.seq_len
+
+    @property
+    def runtime(self) -> int:
+        return self._planners["data"].runtime
+
+    def state_bytes(self, c: Candidate) -> int:
+        return self._planners[c.settings.parallel].state_bytes(c)
+
+    def whole_run(self, c: Candidate) -> tuple[int, dict[str, int]]:
+        return self._planners[c.settings.parallel].whole_run(c)
 
 
 def runtime_bytes() -> int:
@@ -478,8 +523,11 @@ def search(
     for size in _batch_sizes(batch_size, batch_given, planner.n_devices):
         failed: list[Candidate] = []
         # Exact candidates first (approximations only when nothing exact fits), then by speed.
+        found = candidates(
+            base, size, planner.n_devices, fixed, grad_accum, planner.seq_len, planner.parallels
+        )
         order = sorted(
-            candidates(base, size, planner.n_devices, fixed, grad_accum, planner.seq_len),
+            found,
             key=lambda c: (
                 len(approximations(c, base)),
                 expected_cost(c, planner.seq_len, planner.n_devices),
@@ -590,4 +638,5 @@ def describe_choice(c: Candidate) -> dict[str, Any]:
         "loss_chunk": s.loss_chunk,
         "batch_size": c.batch_size,
         "grad_accum": c.grad_accum,
+        "parallel": s.parallel,
     }

@@ -11,7 +11,8 @@ Every name in ``__all__`` is documented. The rest of the library lives in its mo
 the same care: :func:`gpt2jax.train.loop.finetune` (the training loop),
 :func:`gpt2jax.train.evaluate. evaluate`, :func:`gpt2jax.store.download.download`,
 :mod:`gpt2jax.train.memory.planner` (what fits in memory),
-:mod:`gpt2jax.generation.decoding` (the sampler's pure functions). README.md is the user guide.
+:mod:`gpt2jax.generation.decoding` (the sampler's pure functions). README.md is the user guide;
+its "Research use" section shows layer views, intermediates, gradients, NNX and sharding.
 """
 
 from gpt2jax.config import PRESETS, GPT2Config, get_preset
@@ -20,8 +21,10 @@ from gpt2jax.convert.openai_export import export_openai
 from gpt2jax.convert.openai_tf import convert_openai_dir
 from gpt2jax.errors import CheckpointError, ConfigError, DataError, Gpt2JaxError
 from gpt2jax.generation.host import Generation, generate
+from gpt2jax.layer_views import layers, stack_layers
 from gpt2jax.loader import Pretrained, load
 from gpt2jax.model import GPT2, GPT2Output, KVCache, init_params, param_shapes
+from gpt2jax.nnx_bridge import to_nnx
 from gpt2jax.store.model_dir import save_model_dir
 from gpt2jax.store.runs import TrainConfig
 from gpt2jax.store.sizes import resolve_model
@@ -52,8 +55,11 @@ __all__ = [
     "get_preset",
     "generate",
     "init_params",
+    "layers",
     "load",
     "param_shapes",
     "resolve_model",
     "save_model_dir",
+    "stack_layers",
+    "to_nnx",
 ]

@@ -47,6 +47,7 @@ METRICS = "metrics.jsonl"
 SAMPLES = "samples.txt"
 PLOT = "loss.png"
 
+REPORTERS = ("tensorboard", "wandb")  # --report-to (gpt2jax.reporting)
 TRASH = ".deleted"  # checkpoints/.deleted: old checkpoints are renamed here, then deleted
 
 
@@ -97,6 +98,7 @@ class TrainConfig:
     save_every: int = 500
     keep: int = 3
     skip_nonfinite: bool = False
+    report_to: list[str] = dataclasses.field(default_factory=list)  # tensorboard, wandb
     # Memory (gpt2jax.train.memory.build.MemorySettings; `--memory` chooses some of them, see
     # gpt2jax.train.memory.planner)
     remat: str = "none"
@@ -123,6 +125,7 @@ class TrainConfig:
         "save_every",
         "keep",
         "skip_nonfinite",
+        "report_to",
     )
 
     def validate(self) -> None:
@@ -146,6 +149,11 @@ class TrainConfig:
             raise ConfigError(f"--seq-len must be >= 1, got {self.seq_len}")
         if self.schedule_steps is not None and self.schedule_steps <= 0:
             raise ConfigError(f"--schedule-steps must be > 0, got {self.schedule_steps}")
+        unknown = sorted(set(self.report_to) - set(REPORTERS))
+        if unknown:
+            raise ConfigError(
+                f"--report-to: unknown {', '.join(unknown)} (choose from {', '.join(REPORTERS)})"
+            )
         from gpt2jax.train.memory.build import MemorySettings
 
         MemorySettings.of(self).validate()

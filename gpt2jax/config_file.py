@@ -15,7 +15,7 @@ from typing import Any
 
 from gpt2jax.errors import ConfigError
 
-RUN_FORMAT = "gpt2jax-run"  # run.json's "format" (gpt2jax.runs.FORMAT)
+RUN_FORMAT = "gpt2jax-run"  # run.json's "format" (gpt2jax.store.runs.FORMAT)
 
 
 def read_settings(path: str | os.PathLike) -> dict[str, Any]:

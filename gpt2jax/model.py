@@ -60,8 +60,9 @@ class KVCache(flax.struct.PyTreeNode):
     """Keys and values of every layer for ``S`` cache slots, the one cache type of the library.
 
     ``layers[i]`` is layer ``i``'s ``(k, v)``, each ``(B, H, S, D)``: a buffer per layer, which
-    the sampler (:mod:`gpt2jax.decoding`) updates in place, and which :meth:`GPT2.forward` takes
-    and returns too (it stacks them for its layer scan: a copy of the cache per call).
+    the sampler (:mod:`gpt2jax.generation.decoding`) updates in place, and which
+    :meth:`GPT2.forward` takes and returns too (it stacks them for its layer scan: a copy of the
+    cache per call).
     """
 
     layers: tuple[tuple[Array, Array], ...]

@@ -163,8 +163,8 @@ def _settings_flags(p: argparse.ArgumentParser) -> dict[str, _Flag]:
 def apply_settings(args: argparse.Namespace, settings: dict, source: str) -> dict:
     """Sets the flags of ``args`` not given on the command line from ``settings`` (checked
     as the flags are). Returns the training settings without a flag (e.g. ``approximate``
-    from a run.json), for :class:`~gpt2jax.runs.TrainConfig`."""
-    from gpt2jax.runs import TrainConfig
+    from a run.json), for :class:`~gpt2jax.store.runs.TrainConfig`."""
+    from gpt2jax.store.runs import TrainConfig
 
     flags: dict[str, _Flag] = args.settings_flags
     fields = {f.name for f in dataclasses.fields(TrainConfig)}

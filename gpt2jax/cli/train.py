@@ -60,7 +60,13 @@ _TRAIN_FLAGS: tuple[tuple[str, str, type, str], ...] = (
     ("--keep", "keep", int, "checkpoints to keep"),
     ("--val-fraction", "val_fraction", float, "hold out this tail fraction of the data"),
     ("--column", "column", str, "CSV column holding the text"),
-    ("--field", "field", str, "JSONL field holding the text (default: text)"),
+    (
+        "--field",
+        "field",
+        str,
+        "JSONL field, parquet or saved-dataset column holding the text "
+        "(default: text, or a table's only column)",
+    ),
 )
 
 
@@ -78,7 +84,12 @@ def add_finetune(sub: argparse._SubParsersAction) -> None:
         "settings recorded in RUN/run.json. Ctrl-C saves a checkpoint before exiting.",
     )
     p.add_argument("model", nargs="?", help="starting model directory (or use --init SIZE)")
-    p.add_argument("--data", nargs="+", metavar="PATH", help=".txt/.csv/.jsonl files, dirs, globs")
+    p.add_argument(
+        "--data",
+        nargs="+",
+        metavar="PATH",
+        help=".txt/.csv/.jsonl/.parquet files, dirs (or a saved HF dataset), globs",
+    )
     p.add_argument("--out", help="run directory to create")
     p.add_argument("--resume", metavar="RUN", help="continue the run in this directory")
     p.add_argument("--init", metavar="SIZE", help="start from random weights of a preset size")
@@ -318,7 +329,7 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seq-len", type=int, help="context per window (default: model's, <= 1024)")
     p.add_argument("--batch-size", type=int, default=8, help="windows per batch (default: 8)")
     p.add_argument("--column", help="CSV column holding the text")
-    p.add_argument("--field", help="JSONL field holding the text (default: text)")
+    p.add_argument("--field", help="JSONL field or parquet/dataset column holding the text")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.set_defaults(func=_cmd_eval)
 

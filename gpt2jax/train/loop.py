@@ -53,6 +53,8 @@ from gpt2jax.train.data import check_vocab, load_tokens, split_tail
 from gpt2jax.train.memory.build import MemorySettings, build
 from gpt2jax.train.metrics import MetricsLog, plot_losses
 from gpt2jax.train.optim import learning_rate_schedule
+from gpt2jax.train.reporting import Reporters
+from gpt2jax.train.reporting import check_available as check_reporters
 from gpt2jax.train.step import (
     AXIS,
     DataParallel,
@@ -122,6 +124,7 @@ def finetune(
     out = os.path.abspath(os.fspath(out))
     if resume:
         config, train = _resumed_settings(out, overrides or {})
+        check_reporters(train.report_to)
         tokenizer = Tokenizer.from_dir(out)
         params = None  # from the checkpoint, or the starting model if there is none yet
     else:
@@ -129,6 +132,7 @@ def finetune(
             raise ConfigError("finetune needs a TrainConfig for a new run")
         train = _absolute_paths(train)
         train.validate()
+        check_reporters(train.report_to)
         if primary:
             runs.check_new_run(out)
         config, params, tokenizer, tokenizer_dir = _starting_model(train)
@@ -408,6 +412,8 @@ class _Run:
             t.steps,
         )
         metrics = MetricsLog(os.path.join(self.out, runs.METRICS), self.start, self.primary)
+        resumed = self.start if self.start > 0 else None
+        self.report = Reporters(t.report_to, self.out, t.to_dict(), resumed, self.primary)
         if self.start >= t.steps:
             log.info("%s is at step %d of %d already; --steps N trains further", self.out,
                      self.start, t.steps)  # fmt: skip
@@ -464,6 +470,7 @@ class _Run:
         finally:
             prefetch.close()
             metrics.close()
+            self.report.close()
             self.ckpts.close()
         if self.primary and plot_losses(metrics.path, os.path.join(self.out, runs.PLOT)):
             log.info("loss curve: %s", os.path.join(self.out, runs.PLOT))
@@ -495,6 +502,7 @@ class _Run:
             self.skipped += 1
             record["skipped"] = True
         self.metrics.write(record)  # a non-finite loss is logged as null
+        self.report.write(record)
         if not finite and not self.train.skip_nonfinite:
             raise NonFiniteLossError(step, loss, self.last_saved, self.out)
         postfix = {"loss": f"{loss:.4f}", "lr": f"{record['lr']:.2e}"}
@@ -511,7 +519,9 @@ class _Run:
         )  # fmt: skip
         self.val_loss = loss
         ppl = math.exp(min(loss, 700.0))
-        self.metrics.write({"step": step, "val_loss": loss, "val_ppl": ppl, "val_tokens": count})
+        record = {"step": step, "val_loss": loss, "val_ppl": ppl, "val_tokens": count}
+        self.metrics.write(record)
+        self.report.write(record)
         log.info(
             "step %d: validation loss %.4f, perplexity %.2f (%d tokens)", step, loss, ppl, count
         )
@@ -542,6 +552,7 @@ class _Run:
             except OSError as e:
                 raise Gpt2JaxError(f"{path}: cannot write ({e.strerror})") from None
             self.bar.write(f"{banner}\n{text}\n")
+            self.report.sample(step, text)
 
     def _save(self, step: int) -> None:
         if self.last_saved == step:

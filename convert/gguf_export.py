@@ -155,7 +155,7 @@ def _write(
                 data = value.astype(np.float16)
             elif qtype == gguf.GGMLQuantizationType.Q8_0:
                 data = gguf.quants.quantize(value, qtype)
-            writer.add_tensor(f"{new}.{suffix}", data, raw_shape=value.shape, raw_dtype=qtype)
+            writer.add_tensor(f"{new}.{suffix}", data, raw_dtype=qtype)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()

@@ -126,7 +126,7 @@ def test_wandb_offline_run_holds_the_run_log(tmp_path):
     pytest.importorskip("wandb")
     run = tmp_path / "run"
     _finetune(run, "--report-to", "wandb", "--lr", "0.002")
-    (run_file,) = glob.glob(str(run / "wandb" / "wandb" / "offline-run-*" / "run-*.wandb"))
+    (run_file,) = glob.glob(str(run / "wandb" / "offline-run-*" / "run-*.wandb"))
     history: dict[str, dict[int, object]] = {}
     config = {}
     for record in _wandb_records(run_file):

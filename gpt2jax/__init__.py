@@ -18,8 +18,10 @@ from gpt2jax.convert.openai_export import export_openai
 from gpt2jax.convert.openai_tf import convert_openai_dir
 from gpt2jax.errors import CheckpointError, ConfigError, DataError, Gpt2JaxError
 from gpt2jax.generation.host import Generation, generate
+from gpt2jax.layer_views import layers, stack_layers
 from gpt2jax.loader import Pretrained, load
 from gpt2jax.model import GPT2, GPT2Output, KVCache, init_params, param_shapes
+from gpt2jax.nnx_bridge import to_nnx
 from gpt2jax.store.model_dir import save_model_dir
 from gpt2jax.store.sizes import resolve_model
 from gpt2jax.tokenizer import Tokenizer
@@ -50,8 +52,11 @@ __all__ = [
     "get_preset",
     "generate",
     "init_params",
+    "layers",
     "load",
     "param_shapes",
     "resolve_model",
     "save_model_dir",
+    "stack_layers",
+    "to_nnx",
 ]

@@ -25,18 +25,41 @@ REMAT_POLICIES = ("none", "block", "dots")
 
 
 class KVCache(flax.struct.PyTreeNode):
-    """Keys and values of every layer for ``S`` cache slots: ``k``, ``v`` ``(L, B, H, S, D)``."""
+    """Keys and values of every layer for ``S`` cache slots, the one cache type of the library.
 
-    k: Array
-    v: Array
+    ``layers[i]`` is layer ``i``'s ``(k, v)``, each ``(B, H, S, D)``: a buffer per layer, which
+    the sampler (:mod:`gpt2jax.generation.decoding`) updates in place, and which
+    :meth:`GPT2.forward` takes and returns too (it stacks them for its layer scan: a copy of the
+    cache per call).
+    """
+
+    layers: tuple[tuple[Array, Array], ...]
 
     @classmethod
     def zeros(
         cls, config: GPT2Config, batch: int, length: int, dtype: Any = jnp.float32
     ) -> KVCache:
-        """An empty cache of ``length`` slots: k and v each ``(L, B, H, length, D)``."""
-        shape = (config.n_layer, batch, config.n_head, length, config.head_dim)
-        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
+        """An empty cache of ``length`` slots: per layer, k and v each ``(B, H, length, D)``."""
+        shape = (batch, config.n_head, length, config.head_dim)
+        zeros = [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(config.n_layer)]
+        return cls(layers=tuple(zeros))
+
+    @property
+    def length(self) -> int:
+        """``S``, the number of slots."""
+        return self.layers[0][0].shape[2]
+
+    def stacked(self) -> tuple[Array, Array]:
+        """Keys and values stacked over layers: ``k``, ``v`` each ``(L, B, H, S, D)`` (a copy)."""
+        return (
+            jnp.stack([k for k, _ in self.layers]),
+            jnp.stack([v for _, v in self.layers]),
+        )
+
+    @classmethod
+    def from_stacked(cls, k: Array, v: Array) -> KVCache:
+        """The inverse of :meth:`stacked`."""
+        return cls(layers=tuple((k[i], v[i]) for i in range(k.shape[0])))
 
 
 class GPT2Output(flax.struct.PyTreeNode):
@@ -46,12 +69,16 @@ class GPT2Output(flax.struct.PyTreeNode):
     ``last_hidden``: ``(B, T, C)`` after the final LayerNorm (the LM head's input).
     ``hidden_states``: with ``output_hidden_states=True``, a tuple of ``L + 1`` arrays ``(B, T, C)``
     as Hugging Face returns them: the input of every block, then ``last_hidden``.
+    ``attentions``: with ``output_attentions=True``, a tuple of ``L`` arrays ``(B, H, T, S)``
+    float32, every layer's attention probabilities (after dropout, as Hugging Face returns them);
+    ``S`` is ``T``, or the cache's slots when a cache was passed in.
     ``cache``: the updated :class:`KVCache` when one was passed in.
     """
 
     logits: Array | None
     last_hidden: Array
     hidden_states: tuple[Array, ...] | None = None
+    attentions: tuple[Array, ...] | None = None
     cache: KVCache | None = None
 
 
@@ -96,12 +123,18 @@ class Conv1D(nn.Module):
 
 
 class Attention(nn.Module):
-    """Causal multi-head self-attention (``attn/c_attn``, ``attn/c_proj``), optionally cached."""
+    """Causal multi-head self-attention (``attn/c_attn``, ``attn/c_proj``), optionally cached.
+
+    Returns the output, the updated layer cache, and with ``output_attentions`` the attention
+    probabilities ``(B, H, T, S)`` (else None). It sows them as ``intermediates/probs`` (a no-op
+    unless that collection is mutable).
+    """
 
     config: GPT2Config
     dtype: Any
     param_dtype: Any
     deterministic: bool
+    output_attentions: bool = False
 
     @nn.compact
     def __call__(
@@ -110,7 +143,7 @@ class Attention(nn.Module):
         layer_cache: tuple[Array, Array] | None,  # k, v: (B, H, S, D)
         mask: Array,  # (B, T, S) bool: which keys each query may attend to
         cache_index: Array,  # () int32: cache slot of x[:, 0]
-    ) -> tuple[Array, tuple[Array, Array] | None]:
+    ) -> tuple[Array, tuple[Array, Array] | None, Array | None]:
         cfg = self.config
         B, T, C = x.shape
         H, D = cfg.n_head, cfg.head_dim
@@ -143,15 +176,30 @@ class Attention(nn.Module):
         scores = jnp.concatenate(scores, axis=-1) / D**0.5  # (B, H, T, keys)
         scores = jnp.where(mask[:, None], scores, -1e10)  # OpenAI masks with -1e10
         probs = jax.nn.softmax(scores, axis=-1)  # (B, H, T, keys) float32
-        probs = nn.Dropout(cfg.dropout, deterministic=self.deterministic)(probs)
+        probs = nn.Dropout(cfg.update.dropout, deterministic=self.deterministic)(probs)
         probs = jnp.split(probs, [kb.shape[2] for kb in keys[:-1]], axis=-1)
+        weights = None
+        if self.output_attentions or self.is_mutable_collection("intermediates"):
+            weights = _slot_probs(probs, cache_index)
+            self.sow("intermediates", "probs", weights)
         y = sum(
             jnp.einsum("bhts,bhsd->bhtd", p.astype(vb.dtype), vb)
             for p, vb in zip(probs, values, strict=True)
         )
         y = y.astype(self.dtype).transpose(0, 2, 1, 3).reshape(B, T, C)
         proj_std = 0.02 / (2 * cfg.n_layer) ** 0.5  # GPT-2 paper: residual projections scaled
-        return Conv1D(C, self.dtype, self.param_dtype, proj_std, name="c_proj")(y), layer_cache
+        y = Conv1D(C, self.dtype, self.param_dtype, proj_std, name="c_proj")(y)
+        return y, layer_cache, weights if self.output_attentions else None
+
+
+def _slot_probs(probs: list[Array], cache_index: Array) -> Array:
+    """Attention probabilities over the key slots ``(B, H, T, S)``, from the blocks attention
+    ran over: the new keys alone (``(B, H, T, T)``), or the cache as it was (its written slots
+    masked, so 0 there) and the new keys, which belong in slots ``cache_index..+T``."""
+    if len(probs) == 1:
+        return probs[0]
+    old, new = probs
+    return jax.lax.dynamic_update_slice_in_dim(old, new.astype(old.dtype), cache_index, axis=3)
 
 
 class MLP(nn.Module):
@@ -173,14 +221,18 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """One pre-LN transformer block; scanned over layers by :class:`GPT2`.
 
-    Called as ``(x, layer_cache, mask, cache_index) -> (x, (layer_cache, x_in))`` so that
-    ``nn.scan`` carries ``x`` and stacks the per-layer caches and block inputs.
+    Called as ``(x, layer_cache, mask, cache_index) -> (x, (layer_cache, x_in, probs))`` so that
+    ``nn.scan`` carries ``x`` and stacks the per-layer caches, block inputs and (with
+    ``output_attentions``, else None) attention probabilities. It sows ``attn_out`` (the
+    attention's output), ``mlp_out`` and ``out`` (the block's output) as ``intermediates``: a
+    no-op unless that collection is mutable, so it costs nothing otherwise.
     """
 
     config: GPT2Config
     dtype: Any
     param_dtype: Any
     deterministic: bool
+    output_attentions: bool = False
 
     @nn.compact
     def __call__(
@@ -189,16 +241,20 @@ class Block(nn.Module):
         layer_cache: tuple[Array, Array] | None,
         mask: Array,  # (B, T, S) bool
         cache_index: Array,
-    ) -> tuple[Array, tuple[tuple[Array, Array] | None, Array]]:
+    ) -> tuple[Array, tuple[tuple[Array, Array] | None, Array, Array | None]]:
         cfg, dt, pdt = self.config, self.dtype, self.param_dtype
-        drop = nn.Dropout(cfg.dropout, deterministic=self.deterministic)
+        drop = nn.Dropout(cfg.update.dropout, deterministic=self.deterministic)
         h = LayerNorm(cfg.layer_norm_epsilon, dt, pdt, name="ln_1")(x)
-        attn = Attention(cfg, dt, pdt, self.deterministic, name="attn")
-        y, layer_cache = attn(h, layer_cache, mask, cache_index)
+        attn = Attention(cfg, dt, pdt, self.deterministic, self.output_attentions, name="attn")
+        y, layer_cache, probs = attn(h, layer_cache, mask, cache_index)
+        self.sow("intermediates", "attn_out", y)
         x_in, x = x, x + drop(y)
         h = LayerNorm(cfg.layer_norm_epsilon, dt, pdt, name="ln_2")(x)
-        x = x + drop(MLP(cfg, dt, pdt, name="mlp")(h))
-        return x, (layer_cache, x_in)
+        y = MLP(cfg, dt, pdt, name="mlp")(h)
+        self.sow("intermediates", "mlp_out", y)
+        x = x + drop(y)
+        self.sow("intermediates", "out", x)
+        return x, (layer_cache, x_in, probs)
 
 
 class GPT2(nn.Module):
@@ -249,36 +305,63 @@ class GPT2(nn.Module):
     remat: str = "none"
     scan_unroll: int = 1
 
-    def __call__(self, ids: Array, *, deterministic: bool = True) -> Array:
-        """Logits ``(B, T, V)`` float32 for token ids ``(B, T)`` at positions ``0..T-1``."""
-        return self.forward(ids, deterministic=deterministic).logits
+    def __call__(
+        self,
+        ids: Array,
+        *,
+        attention_mask: Array | None = None,
+        position_ids: Array | None = None,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+        deterministic: bool = True,
+    ) -> Array | GPT2Output:
+        """Logits ``(B, T, V)`` float32 for token ids ``(B, T)``; a :class:`GPT2Output` instead
+        when ``output_hidden_states`` or ``output_attentions`` asks for more.
+
+        The keywords mean what they mean for Hugging Face's ``GPT2LMHeadModel``:
+        ``attention_mask (B, T)`` (1 for tokens, 0 for padding: padding is never attended to),
+        ``position_ids (B, T)`` (default ``0..T-1`` for every row, also with a mask, as in
+        ``transformers``; left-padded rows usually want ``cumsum(mask) - 1``, clipped at 0).
+        """
+        out = self.forward(
+            ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+            deterministic=deterministic,
+        )
+        return out if output_hidden_states or output_attentions else out.logits
 
     @nn.compact
     def forward(
         self,
         ids: Array,  # (B, T) int
         *,
-        positions: Array | None = None,  # (B, T) int; default: cache_index + arange(T)
-        mask: Array | None = None,  # (B, S) bool: keys that may be attended (padding False)
+        position_ids: Array | None = None,  # (B, T) int; default: cache_index + arange(T)
+        attention_mask: Array | None = None,  # (B, S): keys that may be attended (padding 0)
         cache: KVCache | None = None,
         cache_index: Array | int = 0,
         deterministic: bool = True,
         compute_logits: bool = True,
         output_hidden_states: bool = False,
+        output_attentions: bool = False,
     ) -> GPT2Output:
         """The full forward pass.
 
         Without a cache, queries attend causally to the ``T`` given tokens. With ``cache`` (of
         ``S`` slots), the new keys/values are written at slots ``cache_index..cache_index+T-1`` and
-        each query attends to every slot at or before its own; ``mask`` then covers all ``S``
-        slots. Dropout (``config.dropout > 0``) runs when ``deterministic=False`` and needs a
-        ``"dropout"`` RNG.
+        each query attends to every slot at or before its own; ``attention_mask`` then covers all
+        ``S`` slots. Dropout (``config.dropout > 0``) runs when ``deterministic=False`` and needs
+        a ``"dropout"`` RNG. ``output_hidden_states`` / ``output_attentions`` fill those fields
+        of the output; off, they cost nothing (the compiled program is the same).
         """
         cfg = self.config
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
         B, T = ids.shape
         cache_index = jnp.asarray(cache_index, jnp.int32)
+        positions = position_ids
         if positions is None:
             positions = jnp.broadcast_to(cache_index + jnp.arange(T, dtype=jnp.int32), (B, T))
 
@@ -289,13 +372,13 @@ class GPT2(nn.Module):
             "wpe", nn.initializers.normal(0.01), (cfg.n_ctx, cfg.n_embd), self.param_dtype
         )
         x = embed(wte, wpe, ids, positions, self.dtype)
-        x = nn.Dropout(cfg.dropout, deterministic=deterministic)(x)  # (B, T, C)
+        x = nn.Dropout(cfg.update.dropout, deterministic=deterministic)(x)  # (B, T, C)
 
         # Which keys each query may attend to: causal over slots, and the padding mask.
-        S = T if cache is None else cache.k.shape[3]
+        S = T if cache is None else cache.length
         allowed = causal_mask(B, T, S, cache_index)
-        if mask is not None:
-            allowed = allowed & mask[:, None, :].astype(bool)
+        if attention_mask is not None:
+            allowed = allowed & attention_mask[:, None, :].astype(bool)
 
         block = Block
         if self.remat == "block":
@@ -308,16 +391,16 @@ class GPT2(nn.Module):
             )
         stack = nn.scan(
             block,
-            variable_axes={"params": 0},
+            variable_axes={"params": 0, "intermediates": 0},  # sown values: stacked per layer
             split_rngs={"params": True, "dropout": True},
             in_axes=(0, nn.broadcast, nn.broadcast),
             length=cfg.n_layer,
             unroll=self.scan_unroll,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )
-        layer_caches = None if cache is None else (cache.k, cache.v)
-        x, (layer_caches, block_inputs) = stack(
-            cfg, self.dtype, self.param_dtype, deterministic, name="h"
+        layer_caches = None if cache is None else cache.stacked()
+        x, (layer_caches, block_inputs, probs) = stack(
+            cfg, self.dtype, self.param_dtype, deterministic, output_attentions, name="h"
         )(x, layer_caches, allowed, cache_index)
 
         h = LayerNorm(cfg.layer_norm_epsilon, self.dtype, self.param_dtype, name="ln_f")(x)
@@ -325,9 +408,14 @@ class GPT2(nn.Module):
         hidden_states = None
         if output_hidden_states:
             hidden_states = (*(block_inputs[i] for i in range(cfg.n_layer)), h)
-        new_cache = None if cache is None else KVCache(k=layer_caches[0], v=layer_caches[1])
+        attentions = None if probs is None else tuple(probs[i] for i in range(cfg.n_layer))
+        new_cache = None if cache is None else KVCache.from_stacked(*layer_caches)
         return GPT2Output(
-            logits=logits, last_hidden=h, hidden_states=hidden_states, cache=new_cache
+            logits=logits,
+            last_hidden=h,
+            hidden_states=hidden_states,
+            attentions=attentions,
+            cache=new_cache,
         )
 
 

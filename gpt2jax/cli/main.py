@@ -78,22 +78,23 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
         "Face directory that transformers' from_pretrained and AutoTokenizer load "
         "(config.json, model.safetensors, tokenizer files); --format bin writes "
         "pytorch_model.bin instead (needs torch); --format openai writes an OpenAI-style TF "
-        "checkpoint directory (no model.ckpt.meta) for OpenAI's code and gpt-2-simple.",
+        "checkpoint directory (no model.ckpt.meta) for OpenAI's code and gpt-2-simple; "
+        "--format gguf writes one .gguf file for llama.cpp (needs the gguf package).",
     )
     p.add_argument("model", help="model directory to export, e.g. ckpt/124M or runs/poems")
-    p.add_argument("out", help="directory to create, e.g. hf/poems")
+    p.add_argument("out", help="directory to create, e.g. hf/poems (gguf: a file, poems.gguf)")
     p.add_argument(
         "--format",
         default="safetensors",
-        choices=("safetensors", "bin", "openai"),
+        choices=("safetensors", "bin", "openai", "gguf"),
         dest="fmt",
-        help="model.safetensors (default), pytorch_model.bin, or an OpenAI TF checkpoint",
+        help="model.safetensors (default), pytorch_model.bin, an OpenAI TF checkpoint, or GGUF",
     )
     p.add_argument(
         "--dtype",
         default="float32",
-        choices=DTYPE_CHOICES,
-        help="stored dtype (the openai format is always float32)",
+        choices=(*DTYPE_CHOICES, "q8_0"),
+        help="stored dtype (openai: always float32; gguf: float32, float16 or q8_0)",
     )
     p.add_argument(
         "--max-shard-size",
@@ -112,9 +113,21 @@ def _cmd_export(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     if args.fmt == "openai" and args.dtype != "float32":
         raise Gpt2JaxError("--format openai stores float32 (OpenAI's graph declares float32)")
+    if args.dtype == "q8_0" and args.fmt != "gguf":
+        raise Gpt2JaxError("--dtype q8_0 is for --format gguf")
     model = load(args.model)
     args.model = model.path  # a size name ("124M") resolved to its directory
-    if args.fmt == "openai":
+    if args.fmt == "gguf":
+        from gpt2jax.convert.gguf_export import export_gguf
+
+        files = [
+            export_gguf(
+                model.params, model.config, args.out, tokenizer_dir=args.model,
+                dtype=args.dtype, name=os.path.basename(os.path.normpath(args.model)),
+                overwrite=args.force,
+            )
+        ]  # fmt: skip
+    elif args.fmt == "openai":
         from gpt2jax.convert.openai_export import export_openai
 
         files = export_openai(
@@ -255,6 +268,8 @@ def _cmd_download(args: argparse.Namespace) -> int:
 
 
 def _du(path: str) -> int:
+    if os.path.isfile(path):
+        return os.path.getsize(path)
     return sum(
         os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path) for f in files
     )

@@ -8,6 +8,7 @@ resumed run from its ``run.json`` (and only the flags in ``TrainConfig.RESUMABLE
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -57,7 +58,13 @@ _TRAIN_FLAGS: tuple[tuple[str, str, type, str], ...] = (
     ("--keep", "keep", int, "checkpoints to keep"),
     ("--val-fraction", "val_fraction", float, "hold out this tail fraction of the data"),
     ("--column", "column", str, "CSV column holding the text"),
-    ("--field", "field", str, "JSONL field holding the text (default: text)"),
+    (
+        "--field",
+        "field",
+        str,
+        "JSONL field, parquet or saved-dataset column holding the text "
+        "(default: text, or a table's only column)",
+    ),
 )
 
 
@@ -76,7 +83,12 @@ def add_finetune(sub: argparse._SubParsersAction) -> None:
         "settings recorded in RUN/run.json. Ctrl-C saves a checkpoint before exiting.",
     )
     p.add_argument("model", nargs="?", help="starting model directory (or use --init SIZE)")
-    p.add_argument("--data", nargs="+", metavar="PATH", help=".txt/.csv/.jsonl files, dirs, globs")
+    p.add_argument(
+        "--data",
+        nargs="+",
+        metavar="PATH",
+        help=".txt/.csv/.jsonl/.parquet files, dirs (or a saved HF dataset), globs",
+    )
     p.add_argument("--out", help="run directory to create")
     p.add_argument("--resume", metavar="RUN", help="continue the run in this directory")
     p.add_argument("--init", metavar="SIZE", help="start from random weights of a preset size")
@@ -106,7 +118,109 @@ def add_finetune(sub: argparse._SubParsersAction) -> None:
         const=True,
         help="skip updates whose loss is NaN/inf instead of stopping",
     )
-    p.set_defaults(func=_cmd_finetune)
+    p.add_argument(
+        "--report-to",
+        type=_report_list,
+        metavar="LIST",
+        help="also log to these, comma-separated: tensorboard (event files in RUN/tensorboard; "
+        "needs the tensorboard package), wandb (needs wandb; WANDB_MODE=offline writes locally)",
+    )
+    p.add_argument(
+        "--config",
+        metavar="FILE",
+        help="read settings from a .toml, .json or .yaml file (keys named like the flags; a "
+        "run's run.json works too); flags given on the command line win",
+    )
+    p.set_defaults(func=_cmd_finetune, settings_flags=_settings_flags(p))
+
+
+def _report_list(text: str) -> list[str]:
+    """``--report-to tensorboard,wandb`` -> ``["tensorboard", "wandb"]``."""
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Flag:
+    """What a settings-file key must be to stand for a flag."""
+
+    name: str  # the flag as typed, for messages
+    kind: Any  # int, float, str, bool (a switch), list (a flag taking several values)
+    convert: Any = None  # the flag's own type function, applied to a string value
+    choices: tuple | None = None
+
+
+def _settings_flags(p: argparse.ArgumentParser) -> dict[str, _Flag]:
+    """The finetune flags a settings file may set, by destination name."""
+    flags = {}
+    for action in p._actions:
+        if action.dest in ("help", "config") or action.dest == argparse.SUPPRESS:
+            continue
+        name = action.option_strings[0] if action.option_strings else action.dest.upper()
+        if action.nargs == "+":
+            kind = list
+        elif isinstance(action, argparse._StoreConstAction):
+            kind = bool
+        elif action.type in (int, float):
+            kind = action.type
+        elif action.type is _report_list:
+            kind = list
+        else:
+            kind = str
+        convert = action.type if kind is str else None
+        choices = tuple(action.choices) if action.choices else None
+        flags[action.dest] = _Flag(name, kind, convert, choices)
+    return flags
+
+
+def apply_settings(args: argparse.Namespace, settings: dict, source: str) -> dict:
+    """Sets the flags of ``args`` not given on the command line from ``settings`` (checked
+    as the flags are). Returns the training settings without a flag (e.g. ``approximate``
+    from a run.json), for :class:`~gpt2jax.train.settings.TrainConfig`."""
+    from gpt2jax.train.settings import SECTION_OF
+
+    flags: dict[str, _Flag] = args.settings_flags
+    fields = set(SECTION_OF)
+    extra = {}
+    for key, value in settings.items():
+        flag = flags.get(key)
+        if flag is None:
+            if key not in fields:
+                raise ConfigError(f"{source}: unknown setting {key!r} (not a finetune flag)")
+            extra[key] = value
+            continue
+        value = _checked(flag, value, source, key)
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    return extra
+
+
+def _checked(flag: _Flag, value: Any, source: str, key: str) -> Any:
+    """``value`` as the flag would hold it, or a ConfigError naming the key."""
+    if value is None:
+        return None
+    kind = flag.kind
+    ok = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        str: isinstance(value, str),
+        list: isinstance(value, str)
+        or (isinstance(value, list) and all(isinstance(v, str) for v in value)),
+    }[kind]
+    if not ok:
+        want = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+                list: "a string or a list of strings"}[kind]  # fmt: skip
+        raise ConfigError(f"{source}: {key} ({flag.name}) must be {want}, got {value!r}")
+    if kind is float:
+        value = float(value)
+    elif kind is list and isinstance(value, str):
+        value = _report_list(value) if key == "report_to" else [value]
+    elif kind is str and flag.convert is not None:
+        value = flag.convert(value)
+    if flag.choices is not None and value not in flag.choices:
+        choices = ", ".join(map(str, flag.choices))
+        raise ConfigError(f"{source}: {key} must be one of {choices}, got {value!r}")
+    return value
 
 
 def _given(args: argparse.Namespace) -> dict:
@@ -128,7 +242,12 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     cache_compiled_code()
     if not (args.debug or os.environ.get("GPT2JAX_DEBUG") == "1"):
         quiet_background_errors()
-    given = _given(args)
+    extra = {}
+    if args.config:
+        from gpt2jax.config_file import read_settings
+
+        extra = apply_settings(args, read_settings(args.config), args.config)
+    given = {**extra, **_given(args)}
     if args.resume:
         if args.model or args.data or args.out or args.val_data:
             raise ConfigError("--resume RUN takes its model, data and output from RUN/run.json")
@@ -215,7 +334,7 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seq-len", type=int, help="context per window (default: model's, <= 1024)")
     p.add_argument("--batch-size", type=int, default=8, help="windows per batch (default: 8)")
     p.add_argument("--column", help="CSV column holding the text")
-    p.add_argument("--field", help="JSONL field holding the text (default: text)")
+    p.add_argument("--field", help="JSONL field or parquet/dataset column holding the text")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.set_defaults(func=_cmd_eval)
 

@@ -15,51 +15,31 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from gpt2jax.config import GPT2Config
 from gpt2jax.generation.sampling import Sampler
-from gpt2jax.model import Block, LayerNorm, lm_head
+from gpt2jax.layer_views import layers
+from gpt2jax.model import Block, KVCache, LayerNorm, lm_head
 
 Array = jax.Array
-LayerCache = tuple[tuple[Array, Array], ...]  # per layer: k, v, each (B, H, S, D)
 
 
 def layer_params(params: dict) -> dict:
     """The parameter tree with ``h`` split into a tuple of per-layer trees, for decoding.
 
-    Why decoding does not use the model's ``nn.scan``: a scanned layer's weights are a slice of
-    the stacked ``(L, ...)`` parameter, and XLA copies that slice before every matmul, so each
-    decoding step moved every weight several times over (measured on a CPU: BENCHMARKS.md,
-    Generation). The stack is split once here, outside the compiled code, and
-    :func:`forward_layers` runs the model's own :class:`~gpt2jax.model.Block` once per layer on
-    its own buffers; the KV cache is likewise one ``(k, v)`` pair per layer (:func:`empty_cache`).
-
-    On the CPU the layers are views of the stacked arrays (no copy when the stacked array is
-    64-byte aligned, as JAX's own buffers are); elsewhere, and under ``jit``, each layer is
-    sliced once. Already split trees are returned unchanged.
+    The layers are :func:`gpt2jax.layers` views of the stacked arrays (numpy layers placed on
+    the default device). Already split trees are returned unchanged.
     """
     if isinstance(params["h"], (tuple, list)):
         return params  # already split
-    n_layer = jax.tree.leaves(params["h"])[0].shape[0]
-
-    def split(x: Any) -> list:
-        if isinstance(x, jax.core.Tracer) or (
-            isinstance(x, jax.Array) and {d.platform for d in x.devices()} != {"cpu"}
-        ):
-            return [x[i] for i in range(n_layer)]
-        host = np.asarray(x)  # a view of a CPU jax.Array's buffer, not a copy
-        return [jax.device_put(host[i]) for i in range(n_layer)]
-
-    leaves, treedef = jax.tree.flatten(params["h"])
-    per_leaf = [split(x) for x in leaves]
-    layers = tuple(jax.tree.unflatten(treedef, [p[i] for p in per_leaf]) for i in range(n_layer))
-    return {**{k: v for k, v in params.items() if k != "h"}, "h": layers}
+    on_device = [
+        jax.tree.map(lambda x: x if isinstance(x, jax.Array) else jax.device_put(x), layer)
+        for layer in layers(params)
+    ]
+    return {**{k: v for k, v in params.items() if k != "h"}, "h": tuple(on_device)}
 
 
-def empty_cache(
-    config: GPT2Config, batch: int, length: int, dtype: Any = jnp.float32
-) -> LayerCache:
+def empty_cache(config: GPT2Config, batch: int, length: int, dtype: Any = jnp.float32) -> KVCache:
     """Zeroed keys and values for ``length`` slots: per layer ``(B, H, S, D)`` each.
 
     The decoding loop updates these buffers in place. Each step feeds ``(B, 1)`` tokens and
@@ -69,8 +49,7 @@ def empty_cache(
     Decoding keeps the cache in float32 whatever the compute dtype: attention then runs in
     float32 (the model attends in the cache's dtype), which on a CPU is also the fast choice.
     """
-    shape = (batch, config.n_head, length, config.head_dim)
-    return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(config.n_layer))
+    return KVCache.zeros(config, batch, length, dtype)
 
 
 def _rows(table: Array, ids: Array) -> Array:
@@ -86,13 +65,13 @@ def _rows(table: Array, ids: Array) -> Array:
 def forward_layers(
     config: GPT2Config,
     params: dict,  # from layer_params
-    cache: LayerCache,
+    cache: KVCache,
     ids: Array,  # (B, T) int
     positions: Array,  # (B, T) int
     key_mask: Array,  # (B, S) bool: cache slots a row may attend to (its padding is False)
     index: Array,  # () int32: cache slot of ids[:, 0]
     dtype: Any = jnp.float32,
-) -> tuple[Array, LayerCache]:
+) -> tuple[Array, KVCache]:
     """:meth:`GPT2.forward <gpt2jax.model.GPT2.forward>` with a cache, one layer at a time.
 
     Returns the final hidden states ``(B, T, C)`` (after ``ln_f``, before the LM head) and the
@@ -103,18 +82,18 @@ def forward_layers(
     causal = jnp.arange(S)[None, :] <= (index + jnp.arange(T))[:, None]  # (T, S)
     allowed = causal[None] & key_mask[:, None, :]  # (B, T, S)
     new_cache = []
-    for layer, layer_cache in zip(params["h"], cache, strict=True):
+    for layer, layer_cache in zip(params["h"], cache.layers, strict=True):
         block = Block(config, dtype, layer["ln_1"]["g"].dtype, deterministic=True)
-        x, (layer_cache, _) = block.apply({"params": layer}, x, layer_cache, allowed, index)
+        x, (layer_cache, _, _) = block.apply({"params": layer}, x, layer_cache, allowed, index)
         new_cache.append(layer_cache)
     ln_f = LayerNorm(config.layer_norm_epsilon, dtype, params["ln_f"]["g"].dtype)
-    return ln_f.apply({"params": params["ln_f"]}, x), tuple(new_cache)
+    return ln_f.apply({"params": params["ln_f"]}, x), KVCache(layers=tuple(new_cache))
 
 
 class DecodeState(flax.struct.PyTreeNode):
     """Everything the decoding loop carries, for a batch of ``B`` rows and ``S`` cache slots."""
 
-    cache: LayerCache
+    cache: KVCache
     tokens: Array  # (B, S) int32: the token of every slot (padding, prompt, generated)
     pad: Array  # (B,) int32: padding slots before each row's prompt
     last: Array  # (B,) int32: the last slot each row may fill (context end or token budget)

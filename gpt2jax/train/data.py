@@ -84,7 +84,9 @@ def resolve_paths(specs: Sequence[str | os.PathLike]) -> list[str]:
         raise DataError("no data given")
     files: dict[str, None] = {}  # ordered, without repeats
     for spec in map(os.fspath, specs):
-        if os.path.isdir(spec):
+        if os.path.isdir(spec) and is_saved_dataset(spec):
+            found = [spec]
+        elif os.path.isdir(spec):
             found = sorted(
                 os.path.join(root, f)
                 for root, _, names in os.walk(spec)
@@ -106,9 +108,18 @@ def resolve_paths(specs: Sequence[str | os.PathLike]) -> list[str]:
 
 
 def file_kind(path: str) -> str:
-    """``csv``, ``jsonl`` or ``text``, from the file name."""
+    """``csv``, ``jsonl``, ``parquet``, ``datasets`` (a saved dataset directory) or ``text``."""
+    if os.path.isdir(path):
+        return "datasets"
     ext = os.path.splitext(path)[1].lower()
-    return {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}.get(ext, "text")
+    kinds = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}
+    return kinds.get(ext, "text")
+
+
+def is_saved_dataset(path: str) -> bool:
+    """A directory ``datasets.Dataset(Dict).save_to_disk`` wrote (its ``state.json`` or
+    ``dataset_dict.json``)."""
+    return any(os.path.isfile(os.path.join(path, f)) for f in ("state.json", "dataset_dict.json"))
 
 
 def safe_split(text: str, max_chars: int) -> list[str]:
@@ -250,6 +261,8 @@ def _names(files: Sequence[str]) -> str:
 
 def _inspect(path: str) -> dict[str, Any]:
     """Hashes a file and counts the U+FFFD characters its bytes legitimately encode."""
+    if file_kind(path) in ("parquet", "datasets"):
+        return _inspect_binary(path)
     sha, legit, size, tail = hashlib.sha256(), 0, 0, b""
     try:
         with open(path, "rb") as f:
@@ -270,6 +283,25 @@ def _inspect(path: str) -> dict[str, Any]:
     if len(head) >= 64 and head_text.count("\ufffd") > 0.3 * len(head_text):
         raise DataError(f"{path}: looks like a binary file (mostly invalid UTF-8), expected text")
     return {"path": path, "sha256": sha.hexdigest(), "bytes": size, "legit_fffd": legit}
+
+
+def _inspect_binary(path: str) -> dict[str, Any]:
+    """Hashes a parquet file, or every file of a saved dataset directory (names and bytes)."""
+    if os.path.isdir(path):
+        files = sorted(os.path.join(root, f) for root, _, names in os.walk(path) for f in names)
+    else:
+        files = [path]
+    sha, size = hashlib.sha256(), 0
+    try:
+        for name in files:
+            sha.update(os.path.relpath(name, path).encode() + b"\0")
+            with open(name, "rb") as f:
+                while block := f.read(1 << 22):
+                    sha.update(block)
+                    size += len(block)
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror})") from None
+    return {"path": path, "sha256": sha.hexdigest(), "bytes": size, "legit_fffd": 0}
 
 
 def _open_text(path: str) -> io.TextIOWrapper:
@@ -352,6 +384,84 @@ def _csv_documents(path: str, column: str | None, counter: dict[str, int]) -> It
             raise DataError(f"{path}:{reader.line_num}: malformed CSV ({e})") from None
 
 
+def _text_column(path: str, names: list[str], field: str | None) -> str:
+    """The column of a table holding the documents: ``field``, else ``text``, else the only
+    column."""
+    if field is not None:
+        if field not in names:
+            raise DataError(f"{path}: no column {field!r} (columns: {', '.join(names[:10])})")
+        return field
+    if "text" in names:
+        return "text"
+    if len(names) == 1:
+        return names[0]
+    raise DataError(f"{path}: {len(names)} columns ({', '.join(names[:10])}); choose with --field")
+
+
+def _arrow_batches(path: str, column: str, batches: Iterator[Any]) -> Iterator[list]:
+    """The values of ``column`` batch by batch (Arrow record batches), checked to be text."""
+    import pyarrow as pa
+
+    for batch in batches:
+        array = batch.column(column)
+        if not (pa.types.is_string(array.type) or pa.types.is_large_string(array.type)):
+            raise DataError(f"{path}: column {column!r} holds {array.type}, not text")
+        yield array.to_pylist()
+
+
+def _parquet_documents(path: str, field: str | None, counter: dict[str, int]) -> Iterator[str]:
+    try:
+        import pyarrow.parquet as pq
+    except ModuleNotFoundError:
+        raise DataError(
+            f'{path}: reading parquet needs pyarrow: pip install "gpt2jax[parquet]"'
+        ) from None
+    try:
+        table = pq.ParquetFile(path)
+        column = _text_column(path, table.schema_arrow.names, field)
+        per_group = [table.metadata.row_group(i) for i in range(table.num_row_groups)]
+        size = os.path.getsize(path)
+        rows = max(1, table.metadata.num_rows)
+        # one row group at a time: memory stays one group's text, whatever the file's size
+        for i, group in enumerate(per_group):
+            batch = table.read_row_group(i, columns=[column])
+            for values in _arrow_batches(path, column, iter(batch.to_batches())):
+                yield from (v for v in values if v is not None)
+            counter["bytes"] += size * group.num_rows // rows
+    except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+        raise DataError(f"{path}: not a readable parquet file ({e})") from None
+
+
+def _dataset_documents(path: str, field: str | None, counter: dict[str, int]) -> Iterator[str]:
+    try:
+        import datasets
+    except ModuleNotFoundError:
+        raise DataError(
+            f'{path}: reading a saved dataset needs datasets: pip install "gpt2jax[datasets]"'
+        ) from None
+    try:
+        ds = datasets.load_from_disk(path)
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: not a readable saved dataset ({e})") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if "train" not in ds:
+            raise DataError(f"{path}: a DatasetDict without a 'train' split ({', '.join(ds)})")
+        ds = ds["train"]
+    column = _text_column(path, list(ds.column_names), field)
+    total, size = max(1, len(ds)), _dir_bytes(path)
+    # the dataset is memory-mapped Arrow: a thousand rows at a time stay in memory
+    table = ds.with_format("arrow")
+    for start in range(0, len(ds), 1000):
+        batch = table[start : start + 1000]
+        for values in _arrow_batches(path, column, iter(batch.select([column]).to_batches())):
+            yield from (v for v in values if v is not None)
+        counter["bytes"] = size * min(len(ds), start + 1000) // total
+
+
+def _dir_bytes(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(r, f)) for r, _, names in os.walk(path) for f in names)
+
+
 def _documents(
     info: dict[str, Any], column: str | None, field: str | None, counter: dict[str, int]
 ) -> Iterator[tuple[str, bool]]:
@@ -366,11 +476,14 @@ def _documents(
         if previous is not None:
             yield previous, True
         return
-    docs = (
-        _csv_documents(path, column, counter)
-        if kind == "csv"
-        else _jsonl_documents(path, field or "text", counter)
-    )
+    if kind == "csv":
+        docs = _csv_documents(path, column, counter)
+    elif kind == "parquet":
+        docs = _parquet_documents(path, field, counter)
+    elif kind == "datasets":
+        docs = _dataset_documents(path, field, counter)
+    else:
+        docs = _jsonl_documents(path, field or "text", counter)
     for doc in docs:
         if doc.strip():
             for i, piece in enumerate(pieces := safe_split(doc, _BLOCK)):

@@ -40,6 +40,8 @@ from gpt2jax.train.data import check_vocab, load_tokens, split_tail
 from gpt2jax.train.memory.build import build
 from gpt2jax.train.metrics import MetricsLog, plot_losses
 from gpt2jax.train.optim import learning_rate_schedule
+from gpt2jax.train.reporting import Reporters
+from gpt2jax.train.reporting import check_available as check_reporters
 from gpt2jax.train.settings import TrainConfig
 from gpt2jax.train.step import (
     AXIS,
@@ -143,7 +145,8 @@ def _prepare(
     devices (the starting weights' host copy is gone when this returns)."""
     return_freed_memory()
     if resume:
-        config, train = _resumed_settings(out, overrides)
+        config, train = _resumed_settings(out, overrides or {})
+        check_reporters(train.logging.report_to)
         tokenizer = Tokenizer.from_dir(out)
         params = None  # from the checkpoint, or the starting model if there is none yet
     else:
@@ -151,13 +154,13 @@ def _prepare(
             raise ConfigError("finetune needs a TrainConfig for a new run")
         train = _absolute_paths(train)
         train.validate()
+        check_reporters(train.logging.report_to)
         # Process 0 alone writes the run's own files (run.json, metrics, samples, plot).
         cluster.primary_first("check-new-run", lambda: runs.check_new_run(out))
         config, params, tokenizer, tokenizer_dir = _starting_model(train)
         train = _resolve_seq_len(train, config)
-        if (
-            train.schedule.schedule_steps is None
-        ):  # recorded, so that a resume keeps the lr's horizon
+        # recorded, so that a resume keeps the lr's horizon
+        if train.schedule.schedule_steps is None:
             train = train.replace(schedule_steps=train.schedule.steps)
     run = _Run(out, config, train, tokenizer, cache_dir, show_progress)
     if not resume:  # only once the data and settings have proved usable
@@ -435,9 +438,8 @@ class _Run:
         params, opt_state, meta = self.ckpts.restore(step, shapes, opt_shapes)
         params, opt_state = self.dp.from_checkpoint((params, opt_state))
         frozen = None
-        if (
-            self.train.memory_settings.lora_rank
-        ):  # the base model is not checkpointed: it never changes
+        # the base model is not checkpointed: it never changes
+        if self.train.memory_settings.lora_rank:
             frozen = self.recipe.split(_initial_params(self.train, self.config), 0)[1]
         if meta.get("data_key") != self.data_key:
             log.warning(
@@ -469,6 +471,8 @@ class _Run:
             t.schedule.steps,
         )
         metrics = MetricsLog(os.path.join(self.out, runs.METRICS), self.start, self.primary)
+        resumed = self.start if self.start > 0 else None
+        self.report = Reporters(t.logging.report_to, self.out, t.to_dict(), resumed, self.primary)
         if self.start >= t.schedule.steps:
             log.info("%s is at step %d of %d already; --steps N trains further", self.out,
                      self.start, t.schedule.steps)  # fmt: skip
@@ -531,6 +535,7 @@ class _Run:
         finally:
             prefetch.close()
             metrics.close()
+            self.report.close()
             self.ckpts.close()
         if self.primary and plot_losses(metrics.path, os.path.join(self.out, runs.PLOT)):
             log.info("loss curve: %s", os.path.join(self.out, runs.PLOT))
@@ -562,6 +567,7 @@ class _Run:
             self.skipped += 1
             record["skipped"] = True
         self.metrics.write(record)  # a non-finite loss is logged as null
+        self.report.write(record)
         if not finite and not self.train.update.skip_nonfinite:
             raise NonFiniteLossError(step, loss, self.last_saved, self.out)
         postfix = {"loss": f"{loss:.4f}", "lr": f"{record['lr']:.2e}"}
@@ -578,7 +584,9 @@ class _Run:
         )  # fmt: skip
         self.val_loss = loss
         ppl = math.exp(min(loss, 700.0))
-        self.metrics.write({"step": step, "val_loss": loss, "val_ppl": ppl, "val_tokens": count})
+        record = {"step": step, "val_loss": loss, "val_ppl": ppl, "val_tokens": count}
+        self.metrics.write(record)
+        self.report.write(record)
         log.info(
             "step %d: validation loss %.4f, perplexity %.2f (%d tokens)", step, loss, ppl, count
         )
@@ -618,6 +626,7 @@ class _Run:
             except OSError as e:
                 raise Gpt2JaxError(f"{path}: cannot write ({e.strerror})") from None
             self.bar.write(f"{banner}\n{text}\n")
+            self.report.sample(step, text)
 
     def _save(self, step: int) -> None:
         if self.last_saved == step:

@@ -147,6 +147,7 @@ class LoggingSettings:
     sample_prompt: str = ""
     save_every: int = 500
     keep: int = 3
+    report_to: tuple[str, ...] = ()  # tensorboard, wandb (gpt2jax.train.reporting)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,7 +190,7 @@ def _section_of() -> dict[str, str]:
 
 #: Flat setting name (flag, ``run.json`` key, keyword) -> the section that owns it.
 SECTION_OF: dict[str, str] = _section_of()
-_TUPLES = ("data", "val_data", "approximate")  # lists in JSON and at the keyword
+_TUPLES = ("data", "val_data", "approximate", "report_to")  # lists in JSON and at the keyword
 
 
 @dataclasses.dataclass(frozen=True, init=False)
@@ -222,6 +223,7 @@ class TrainConfig:
         "save_every",
         "keep",
         "skip_nonfinite",
+        "report_to",
     )
 
     def __init__(self, **flat: Any) -> None:

@@ -176,7 +176,7 @@ class Attention(nn.Module):
         scores = jnp.concatenate(scores, axis=-1) / D**0.5  # (B, H, T, keys)
         scores = jnp.where(mask[:, None], scores, -1e10)  # OpenAI masks with -1e10
         probs = jax.nn.softmax(scores, axis=-1)  # (B, H, T, keys) float32
-        probs = nn.Dropout(cfg.update.dropout, deterministic=self.deterministic)(probs)
+        probs = nn.Dropout(cfg.dropout, deterministic=self.deterministic)(probs)
         probs = jnp.split(probs, [kb.shape[2] for kb in keys[:-1]], axis=-1)
         weights = None
         if self.output_attentions or self.is_mutable_collection("intermediates"):
@@ -243,7 +243,7 @@ class Block(nn.Module):
         cache_index: Array,
     ) -> tuple[Array, tuple[tuple[Array, Array] | None, Array, Array | None]]:
         cfg, dt, pdt = self.config, self.dtype, self.param_dtype
-        drop = nn.Dropout(cfg.update.dropout, deterministic=self.deterministic)
+        drop = nn.Dropout(cfg.dropout, deterministic=self.deterministic)
         h = LayerNorm(cfg.layer_norm_epsilon, dt, pdt, name="ln_1")(x)
         attn = Attention(cfg, dt, pdt, self.deterministic, self.output_attentions, name="attn")
         y, layer_cache, probs = attn(h, layer_cache, mask, cache_index)
@@ -372,7 +372,7 @@ class GPT2(nn.Module):
             "wpe", nn.initializers.normal(0.01), (cfg.n_ctx, cfg.n_embd), self.param_dtype
         )
         x = embed(wte, wpe, ids, positions, self.dtype)
-        x = nn.Dropout(cfg.update.dropout, deterministic=deterministic)(x)  # (B, T, C)
+        x = nn.Dropout(cfg.dropout, deterministic=deterministic)(x)  # (B, T, C)
 
         # Which keys each query may attend to: causal over slots, and the padding mask.
         S = T if cache is None else cache.length

@@ -45,7 +45,7 @@ def _tensors(reader) -> dict:
     out = {}
     for t in reader.tensors:
         shape = tuple(int(n) for n in reversed(t.shape))  # ggml ne order -> numpy order
-        values = gguf.quants.dequantize(t.dataset.data, t.tensor_type).reshape(shape)
+        values = gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape)
         out[t.name] = (t.tensor_type, shape, values.astype(np.float32))
     return out
 

@@ -26,6 +26,7 @@ from gpt2jax.config import EOT_TOKEN, GPT2Config, read_json
 from gpt2jax.convert import mapping
 from gpt2jax.convert.hf_tokenizer import (
     HF_NAMES,
+    OPENAI_NAMES,
     copy_tokenizer_files,
     openai_tokenizer_dir,
     tokenizer_config,
@@ -33,6 +34,7 @@ from gpt2jax.convert.hf_tokenizer import (
 )
 from gpt2jax.dtypes import DTYPES, STORAGE
 from gpt2jax.errors import CheckpointError, ConfigError, Gpt2JaxError
+from gpt2jax.files import check_regular
 from gpt2jax.formats.safetensors_io import SafetensorsFile, write_file
 from gpt2jax.progress import progress_bar
 from gpt2jax.store.atomic import atomic_dir
@@ -59,6 +61,7 @@ def export_hf(
     overwrite: bool = False,
     show_progress: bool = False,
     on_rounding: Callable[[float], None] | None = None,
+    inputs: tuple[str | os.PathLike | None, ...] | list = (),
 ) -> list[str]:
     """Writes ``params`` as a Hugging Face GPT-2 directory at ``out_dir``; returns its files.
 
@@ -74,6 +77,8 @@ def export_hf(
             the weights are split into shards.
         on_rounding: called with each tensor's largest ``|stored - given|`` (what casting to
             ``dtype`` changed), measured on the tensor as it is cast, so without a second pass.
+        inputs: paths the params came from; ``out_dir`` may not be, hold or lie inside one of
+            them (nor ``tokenizer_dir``), ``overwrite`` or not.
 
     What is written, as ``GPT2LMHeadModel.save_pretrained`` writes it in transformers 5:
 
@@ -117,7 +122,7 @@ def export_hf(
     stream = (
         (PREFIX + name, cast(value)) for name, value in mapping.to_theirs(params, config, "hf")
     )
-    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+    with atomic_dir(out_dir, overwrite=overwrite, inputs=inputs, reads=[tokenizer_dir]) as tmp:
         # Tokenizer first: if it cannot be had (offline, no files) nothing big was written yet.
         if tokenizer_dir is None or not copy_tokenizer_files(tokenizer_dir, tmp, HF_NAMES):
             write_default_tokenizer_files(tmp, HF_NAMES)
@@ -305,11 +310,11 @@ def weight_files(path: str) -> tuple[str, list[str]]:
     ``model.safetensors``, its sharded index, ``pytorch_model.bin``, its sharded index."""
     for kind in ("safetensors", "bin"):
         single = os.path.join(path, WEIGHTS[kind])
-        if os.path.isfile(single):
-            return kind, [single]
         index_path = single + INDEX_SUFFIX
-        if os.path.isfile(index_path):
-            return kind, [index_path]
+        for candidate in (single, index_path):
+            if os.path.exists(candidate):
+                check_regular(candidate, CheckpointError)  # a FIFO or device: said so
+                return kind, [candidate]
     raise CheckpointError(
         f"{path}: no weights (expected model.safetensors, model.safetensors.index.json, "
         "pytorch_model.bin or pytorch_model.bin.index.json)"
@@ -389,10 +394,21 @@ def convert_hf_dir(
     ``vocab.json`` + ``merges.txt`` (or ``tokenizer.json``) become ``encoder.json`` +
     ``vocab.bpe``, checked to be a valid GPT-2 BPE.
     """
+    from gpt2jax.files import check_destination
     from gpt2jax.store.model_dir import save_model_dir
+    from gpt2jax.tokenizer import Tokenizer
 
-    config, params = read_hf_dir(src, dtype=dtype, show_progress=show_progress)
+    check_destination(dst, overwrite=overwrite, inputs=[src], utf8=True)  # before any work
+    config = read_hf_config(src)
     with openai_tokenizer_dir(src) as tokenizer_dir:
+        if tokenizer_dir is not None:  # a vocabulary of another size: refused now
+            tokenizer = Tokenizer.from_files(
+                *(os.path.join(tokenizer_dir, n) for n in OPENAI_NAMES)
+            )
+            tokenizer.source = os.path.abspath(os.fspath(src))
+            where = os.path.join(os.fspath(src), "config.json")
+            tokenizer.check_model_vocab(config.n_vocab, where, "vocab_size")
+        config, params = read_hf_dir(src, dtype=dtype, show_progress=show_progress)
         save_model_dir(
             dst,
             config,
@@ -400,6 +416,7 @@ def convert_hf_dir(
             tokenizer_dir=tokenizer_dir,
             source={"format": "hf", "path": os.path.abspath(os.fspath(src))},
             overwrite=overwrite,
+            inputs=[src],
         )
     return config
 

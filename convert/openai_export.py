@@ -43,13 +43,15 @@ def export_openai(
     tokenizer_dir: str | os.PathLike | None = None,
     overwrite: bool = False,
     show_progress: bool = False,
+    inputs: tuple[str | os.PathLike | None, ...] | list = (),
 ) -> list[str]:
     """Writes ``params`` as an OpenAI GPT-2 checkpoint directory at ``out_dir``; returns its files.
 
     The weights are stored in float32 (OpenAI's graph declares float32 variables, and
     ``Saver.restore`` does not cast). Tokenizer files come from ``tokenizer_dir`` (OpenAI or
     Hugging Face naming), else GPT-2's are rebuilt from tiktoken. The directory is written
-    atomically; an existing non-empty one is refused unless ``overwrite``::
+    atomically; an existing non-empty one is refused unless ``overwrite``, and one that is,
+    holds or lies inside ``inputs`` (the paths the params came from) always::
 
         checkpoint                       model_checkpoint_path: "model.ckpt"
         hparams.json                     n_vocab, n_ctx, n_embd, n_head, n_layer
@@ -76,7 +78,7 @@ def export_openai(
             f"format: its code fixes epsilon at {OPENAI_EPSILON}"
         )
     total = config.num_params() * 4
-    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+    with atomic_dir(out_dir, overwrite=overwrite, inputs=inputs, reads=[tokenizer_dir]) as tmp:
         # Tokenizer first: if it cannot be had (offline, no files) nothing big was written yet.
         if tokenizer_dir is None or not copy_tokenizer_files(tokenizer_dir, tmp, OPENAI_NAMES):
             write_default_tokenizer_files(tmp, OPENAI_NAMES)

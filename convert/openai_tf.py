@@ -21,6 +21,7 @@ import numpy as np
 from gpt2jax.config import GPT2Config, read_json
 from gpt2jax.convert import mapping
 from gpt2jax.errors import CheckpointError
+from gpt2jax.files import read_bytes
 from gpt2jax.formats.tf_bundle import BundleReader
 from gpt2jax.progress import progress_bar
 
@@ -30,13 +31,16 @@ def checkpoint_prefix(path: str) -> str:
     ``model.ckpt``, else the only ``*.index`` file there."""
     state = os.path.join(path, "checkpoint")
     if os.path.exists(state):
-        with open(state, encoding="utf-8", errors="replace") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() == "model_checkpoint_path":
-                    name = os.path.basename(value.strip().strip('"'))
-                    if os.path.exists(os.path.join(path, name + ".index")):
-                        return os.path.join(path, name)
+        try:
+            text = read_bytes(state, 1 << 20, CheckpointError).decode("utf-8", "replace")
+        except OSError as e:
+            raise CheckpointError(f"{state}: cannot read ({e.strerror})") from None
+        for line in text.splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model_checkpoint_path":
+                name = os.path.basename(value.strip().strip('"'))
+                if os.path.exists(os.path.join(path, name + ".index")):
+                    return os.path.join(path, name)
     if os.path.exists(os.path.join(path, "model.ckpt.index")):
         return os.path.join(path, "model.ckpt")
     indexes = sorted(f for f in os.listdir(path) if f.endswith(".index"))
@@ -92,11 +96,16 @@ def convert_openai_dir(
     show_progress: bool = False,
 ) -> GPT2Config:
     """Converts an OpenAI checkpoint directory into a gpt2jax model directory at ``dst``."""
+    from gpt2jax.files import check_destination
     from gpt2jax.store.model_dir import TOKENIZER_FILES, save_model_dir
     from gpt2jax.tokenizer import Tokenizer
 
+    check_destination(dst, overwrite=overwrite, inputs=[src], utf8=True)  # before any work
     if any(os.path.exists(os.path.join(src, name)) for name in TOKENIZER_FILES):
-        Tokenizer.from_dir(src)  # files that disagree are refused now, not when loading DST
+        # files that disagree, or a vocabulary of another size, are refused now, not when
+        # loading DST
+        tokenizer = Tokenizer.from_dir(src)
+        tokenizer.check_model_vocab(read_hparams(src).n_vocab, os.path.join(src, "hparams.json"))
     config, params = read_openai_dir(src, dtype=dtype, show_progress=show_progress)
     save_model_dir(
         dst,
@@ -105,6 +114,7 @@ def convert_openai_dir(
         tokenizer_dir=src,
         source={"format": "openai-tf", "path": os.path.abspath(os.fspath(src))},
         overwrite=overwrite,
+        inputs=[src],
     )
     return config
 

@@ -13,9 +13,25 @@ import os
 from typing import Any
 
 from gpt2jax.errors import ConfigError
+from gpt2jax.files import read_bytes
 
 #: ``<|endoftext|>``: the document separator and the only special token of GPT-2's vocabulary.
 EOT_TOKEN = 50256
+
+#: The largest value of each shape field a config may hold: far above any GPT-2 (48 layers,
+#: 1600 wide, 1024 positions), low enough that what is built per layer, per position or per
+#: token id stays small whatever the other fields say. Checked before anything is allocated.
+MAX_FIELD = {
+    "n_vocab": 1 << 22,
+    "n_ctx": 1 << 20,
+    "n_embd": 1 << 16,
+    "n_head": 1 << 12,
+    "n_layer": 1 << 12,
+}
+#: The most parameter memory (float32) a config may describe: 400 GB, 64 times GPT-2 1558M's.
+MAX_PARAM_BYTES = 400 * 10**9
+#: The largest JSON file read as a config (``hparams.json``, ``config.json``, ``run.json``).
+MAX_JSON_BYTES = 16 * 1024 * 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,10 +56,19 @@ class GPT2Config:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-            if value > 10_000_000:
-                raise ConfigError(f"{name}={value} is absurdly large for a GPT-2 model")
+            if value > MAX_FIELD[name]:
+                raise ConfigError(
+                    f"{name}={value} is absurdly large for a GPT-2 model (at most "
+                    f"{MAX_FIELD[name]:,})"
+                )
         if self.n_embd % self.n_head:
             raise ConfigError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.num_params() * 4 > MAX_PARAM_BYTES:
+            raise ConfigError(
+                f"n_layer={self.n_layer}, n_embd={self.n_embd}, n_vocab={self.n_vocab}, "
+                f"n_ctx={self.n_ctx} make {self.num_params() * 4 / 1e9:,.0f} GB of parameters: "
+                f"absurdly large for a GPT-2 model (at most {MAX_PARAM_BYTES / 1e9:,.0f} GB)"
+            )
         if not 0.0 < self.layer_norm_epsilon < 1.0:
             raise ConfigError(
                 f"layer_norm_epsilon must be in (0, 1), got {self.layer_norm_epsilon}"
@@ -94,14 +119,7 @@ class GPT2Config:
         model_type = hf.get("model_type")
         if model_type != "gpt2":
             raise ConfigError(f"{source}: model_type is {model_type!r}, only 'gpt2' is supported")
-        activation = hf.get("activation_function", "gelu_new")
-        if activation != "gelu_new":
-            raise ConfigError(
-                f"{source}: activation_function {activation!r} is not GPT-2's gelu_new"
-            )
-        for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
-            if hf.get(flag):
-                raise ConfigError(f"{source}: {flag}=true is not supported")
+        _check_hf_variant(hf, source)
         fields = {
             "n_vocab": hf.get("vocab_size"),
             "n_ctx": hf.get("n_positions", hf.get("n_ctx")),
@@ -154,6 +172,40 @@ class GPT2Config:
 
 _SHAPE_KEYS = ("n_vocab", "n_ctx", "n_embd", "n_head", "n_layer")
 
+#: Hugging Face GPT2Config fields that change what the model computes, with the one value our
+#: GPT2 implements (an absent or null field takes transformers' default, which is that value).
+_HF_FIXED = {
+    "activation_function": "gelu_new",
+    "scale_attn_weights": True,
+    "scale_attn_by_inverse_layer_idx": False,
+    "reorder_and_upcast_attn": False,
+    "add_cross_attention": False,
+}
+
+
+def _check_hf_variant(hf: dict[str, Any], source: str) -> None:
+    """Refuses a Hugging Face config of a GPT-2 variant this implementation does not compute
+    (converting it would silently give another function), naming the field."""
+    for field, value in _HF_FIXED.items():
+        given = hf.get(field)
+        if given is not None and (given != value or type(given) is not type(value)):
+            raise ConfigError(
+                f"{source}: {field}={json.dumps(given)} is not supported (GPT-2 as implemented "
+                f"here computes {field}={json.dumps(value)})"
+            )
+    n_inner, n_embd = hf.get("n_inner"), hf.get("n_embd")
+    if n_inner is not None and (not isinstance(n_embd, int) or n_inner != 4 * n_embd):
+        raise ConfigError(
+            f"{source}: n_inner={json.dumps(n_inner)} is not supported (GPT-2's MLP is "
+            "4 * n_embd wide: null or 4 * n_embd)"
+        )
+    positions, context = hf.get("n_positions"), hf.get("n_ctx")
+    if positions is not None and context is not None and positions != context:
+        raise ConfigError(
+            f"{source}: n_positions={json.dumps(positions)} and n_ctx={json.dumps(context)} "
+            "disagree"
+        )
+
 
 def _build(
     d: dict[str, Any], required: tuple[str, ...], allowed: tuple[str, ...], source: str
@@ -195,14 +247,12 @@ def get_preset(name: str) -> GPT2Config:
 
 
 def read_json(path: str | os.PathLike) -> dict[str, Any]:
-    """Reads a small JSON file, turning every failure into one clear :class:`ConfigError`."""
+    """Reads a small JSON file, turning every failure into one clear :class:`ConfigError`:
+    a regular file of at most :data:`MAX_JSON_BYTES` (a FIFO, a device or a bigger file is
+    refused at once)."""
     path = os.fspath(path)
     try:
-        size = os.path.getsize(path)
-        if size > 16 * 1024 * 1024:
-            raise ConfigError(f"{path}: {size} bytes is too large for a config file")
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+        data = json.loads(read_bytes(path, MAX_JSON_BYTES, ConfigError).decode("utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{path}: file not found") from None
     except (ValueError, RecursionError) as e:

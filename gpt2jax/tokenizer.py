@@ -14,11 +14,13 @@ from collections.abc import Iterable, Sequence
 import tiktoken
 
 from gpt2jax.config import EOT_TOKEN
-from gpt2jax.errors import CheckpointError
+from gpt2jax.errors import CheckpointError, ConfigError
+from gpt2jax.files import read_bytes
 
 EOT_TEXT = "<|endoftext|>"
 ENCODER_JSON = "encoder.json"
 VOCAB_BPE = "vocab.bpe"
+MAX_FILE_BYTES = 64 * 1024 * 1024  # each tokenizer file (GPT-2's: 1.0 MB and 0.5 MB)
 
 # GPT-2's pre-tokenisation regex, as tiktoken's ``gpt2`` encoding writes it (equivalent to the
 # pattern in OpenAI's encoder.py, with possessive quantifiers for speed).
@@ -56,10 +58,9 @@ def _ranks_from_files(encoder_json: str, vocab_bpe: str) -> dict[bytes, int]:
             ) from None
 
     try:
-        with open(encoder_json, encoding="utf-8") as f:
-            encoder = json.load(f)
-        with open(vocab_bpe, encoding="utf-8") as f:
-            merges = [line.split() for line in f.read().split("\n")[1:] if line.strip()]
+        encoder = json.loads(read_bytes(encoder_json, MAX_FILE_BYTES, CheckpointError))
+        text = read_bytes(vocab_bpe, MAX_FILE_BYTES, CheckpointError).decode("utf-8")
+        merges = [line.split() for line in text.split("\n")[1:] if line.strip()]
     except FileNotFoundError as e:
         raise CheckpointError(f"{e.filename}: file not found") from None
     except OSError as e:  # a directory, no permission...
@@ -141,6 +142,17 @@ class Tokenizer:
                 f"{missing}: file not found (a tokenizer needs both {ENCODER_JSON} and {VOCAB_BPE})"
             )
         return cls.default()
+
+    def check_model_vocab(self, n_vocab: int, source: str, field: str = "n_vocab") -> None:
+        """Refuses a model whose vocabulary does not fit this tokenizer: more ids than it can
+        decode, or, when its files came with the model, any other number (the model was made
+        for another vocabulary). ``source`` and ``field`` name where the size is stated."""
+        own_files = not self.source.startswith("tiktoken:")
+        if n_vocab > self.n_vocab or (own_files and n_vocab != self.n_vocab):
+            raise ConfigError(
+                f"{source}: {field} {n_vocab} does not match the tokenizer's {self.n_vocab} tokens "
+                f"({self.source}); the model and its tokenizer must agree"
+            )
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text``; the literal ``<|endoftext|>`` becomes token 50256."""

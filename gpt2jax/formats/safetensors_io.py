@@ -26,6 +26,7 @@ import ml_dtypes  # a dependency of jax: numpy's bfloat16 and float8 types
 import numpy as np
 
 from gpt2jax.errors import CheckpointError
+from gpt2jax.files import apply_umask, open_regular
 
 #: safetensors dtype name -> numpy dtype (little-endian), as ``safetensors.numpy`` maps them.
 DTYPES: dict[str, np.dtype] = {
@@ -83,7 +84,7 @@ class SafetensorsFile:
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = os.fspath(path)
         try:
-            with open(self.path, "rb") as f:
+            with open_regular(self.path, CheckpointError) as f:
                 size = os.fstat(f.fileno()).st_size
                 if size < 8:
                     raise CheckpointError(f"{self.path}: {size} bytes is too short for safetensors")
@@ -271,6 +272,7 @@ def write_file(
             if left is not None:
                 raise CheckpointError(f"{path}: tensor {left[0]!r} was never written")
             size = f.tell()
+        apply_umask(tmp)  # mkstemp made it 0600: a served model must be readable by others
         os.replace(tmp, path)
     except BaseException:
         try:

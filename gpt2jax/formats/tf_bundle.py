@@ -20,6 +20,7 @@ from typing import IO, Any
 import numpy as np
 
 from gpt2jax.errors import CheckpointError
+from gpt2jax.files import kind_of
 
 from .crc32c import crc32c, mask, unmask
 
@@ -543,6 +544,9 @@ class BundleReader:
 
     def _load_index(self) -> None:
         path = self.index_path
+        if os.path.exists(path) and not os.path.isfile(path):
+            what = kind_of(os.stat(path).st_mode)
+            raise CheckpointError(f"checkpoint index {path} is {what}, not a regular file")
         if not os.path.isfile(path):
             hint = ""
             if os.path.isdir(self.prefix):
@@ -593,6 +597,9 @@ class BundleReader:
                 )
         for shard in sorted({e.shard_id for e in entries.values() if not e.sliced}):
             data_path = data_filename(self.prefix, shard, self.num_shards)
+            if os.path.exists(data_path) and not os.path.isfile(data_path):
+                what = kind_of(os.stat(data_path).st_mode)
+                raise CheckpointError(f"data shard {data_path} is {what}, not a regular file")
             if not os.path.isfile(data_path):
                 raise CheckpointError(
                     f"missing: data shard {data_path} does not exist (listed by {path})"

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
 import time
 from typing import Any
 
@@ -23,7 +24,8 @@ import numpy as np
 
 from gpt2jax.config import GPT2Config, read_json
 from gpt2jax.dtypes import STORAGE
-from gpt2jax.errors import CheckpointError, Gpt2JaxError
+from gpt2jax.errors import CheckpointError, Gpt2JaxError, reason
+from gpt2jax.files import kind_of
 from gpt2jax.store.atomic import atomic_dir
 
 FORMAT = "gpt2jax"
@@ -49,7 +51,8 @@ def detect(path: str | os.PathLike) -> str:
     if not os.path.exists(path):
         raise CheckpointError(f"{path}: no such file or directory")
     if not os.path.isdir(path):
-        raise CheckpointError(f"{path}: is a file, expected a model directory")
+        what = kind_of(os.stat(path).st_mode)
+        raise CheckpointError(f"{path}: is {what}, expected a model directory")
     cfg = os.path.join(path, "config.json")
     if os.path.exists(cfg):
         data = read_json(cfg)
@@ -78,13 +81,17 @@ def save_model_dir(
     source: dict[str, Any] | None = None,
     dtype: Any = None,
     overwrite: bool = False,
+    inputs: tuple[str | os.PathLike, ...] = (),
 ) -> None:
     """Writes a model directory atomically. ``params`` may hold numpy or jax arrays.
 
     ``dtype`` casts the parameters (default: keep their dtype). Tokenizer files are copied from
-    ``tokenizer_dir`` when it has them.
+    ``tokenizer_dir`` when it has them. ``path`` must not overlap ``inputs`` or
+    ``tokenizer_dir`` (:func:`gpt2jax.store.atomic.atomic_dir`).
     """
-    with atomic_dir(path, overwrite=overwrite) as tmp:
+    with atomic_dir(
+        path, overwrite=overwrite, inputs=inputs, reads=[tokenizer_dir], utf8=True
+    ) as tmp:
         if dtype is not None:
             params = jax.tree.map(lambda x: np.asarray(x).astype(dtype), params)
         leaves = jax.tree.leaves(params)
@@ -98,7 +105,10 @@ def save_model_dir(
             "source": source or {},
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
-        save_params(os.path.join(tmp, PARAMS_DIR), params)
+        try:
+            save_params(os.path.join(tmp, PARAMS_DIR), params)
+        except CheckpointError as e:  # named as the user named it, not as the temporary copy
+            raise CheckpointError(str(e).replace(tmp, os.path.abspath(path))) from None
         if tokenizer_dir is not None:
             for name in TOKENIZER_FILES:
                 src = os.path.join(tokenizer_dir, name)
@@ -126,8 +136,38 @@ def save_params(params_dir: str, params: Any) -> None:
         (jax.Array, handlers.ArrayHandler()),
     )
     handler = ocp.PyTreeCheckpointHandler(use_compression=False, type_handler_registry=registry)
-    with ocp.Checkpointer(handler) as ckptr:
-        ckptr.save(os.path.abspath(params_dir), args=ocp.args.PyTreeSave(params))
+
+    def save() -> None:
+        with ocp.Checkpointer(handler) as ckptr:
+            ckptr.save(os.path.abspath(params_dir), args=ocp.args.PyTreeSave(params))
+
+    try:
+        interruptible(save)
+    except Exception as e:  # a full disk: orbax / TensorStore errors, many lines each
+        raise CheckpointError(
+            f"{os.path.dirname(os.path.abspath(params_dir))}: writing the parameters failed "
+            f"({reason(e)})"
+        ) from None
+
+
+def interruptible(work: Any) -> None:
+    """Runs ``work()`` on a daemon thread while this one waits in short steps: orbax waits for
+    TensorStore in C++, where Ctrl-C (or SIGTERM turned into an exception) would only be seen
+    once the whole save is done, minutes for the big models. Its exception is raised here."""
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            work()
+        except BaseException as e:  # handed to the waiting thread
+            failure.append(e)
+
+    worker = threading.Thread(target=run, name="gpt2jax-save", daemon=True)
+    worker.start()
+    while worker.is_alive():
+        worker.join(0.1)
+    if failure:
+        raise failure[0]
 
 
 def read_meta(path: str | os.PathLike) -> dict[str, Any]:
@@ -168,9 +208,7 @@ def restore_params(
         with ocp.StandardCheckpointer() as ckptr:
             stored = ckptr.metadata(params_dir).item_metadata.tree
     except Exception as e:
-        raise CheckpointError(
-            f"{params_dir}: unreadable orbax checkpoint ({type(e).__name__})"
-        ) from None
+        raise CheckpointError(f"{params_dir}: unreadable orbax checkpoint ({reason(e)})") from None
     expected = our_shapes(config)
     found = {k: tuple(v.shape) for k, v in flatten(stored).items()}
     if found != expected:
@@ -192,5 +230,5 @@ def restore_params(
             return ckptr.restore(params_dir, abstract)
     except Exception as e:
         raise CheckpointError(
-            f"{params_dir}: restoring the parameters failed ({type(e).__name__}: {e})"
+            f"{params_dir}: restoring the parameters failed ({reason(e)})"
         ) from None

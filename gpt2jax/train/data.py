@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import fnmatch
 import glob
 import hashlib
 import io
@@ -24,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from gpt2jax.errors import DataError
+from gpt2jax.files import apply_umask, check_regular, open_regular
 from gpt2jax.progress import progress_bar
 from gpt2jax.store.runs import write_json_atomic
 from gpt2jax.tokenizer import Tokenizer
@@ -79,7 +81,12 @@ def default_cache_dir() -> str:
 
 
 def resolve_paths(specs: Sequence[str | os.PathLike]) -> list[str]:
-    """Expands files, directories (their ``.txt`` files) and globs into a list of files."""
+    """Expands files, directories (their ``.txt`` files) and globs into a list of files.
+
+    Only regular files are read: a FIFO or a device given by name is refused at once, saying
+    what it is (one found by a directory or a glob too). Directories and ``**`` are walked
+    without following symbolic links to directories, so a link cycle cannot make it loop.
+    """
     if not specs:
         raise DataError("no data given")
     files: dict[str, None] = {}  # ordered, without repeats
@@ -95,16 +102,74 @@ def resolve_paths(specs: Sequence[str | os.PathLike]) -> list[str]:
             )
             if not found:
                 raise DataError(f"{spec}: directory has no .txt files")
-        elif os.path.isfile(spec):
+        elif os.path.lexists(spec) or not glob.has_magic(spec):
             found = [spec]
-        elif glob.has_magic(spec):
-            found = sorted(f for f in glob.glob(spec, recursive=True) if os.path.isfile(f))
+        else:
+            found = sorted(p for p in safe_glob(spec) if os.path.isfile(p))
             if not found:
                 raise DataError(f"{spec}: no files match this pattern")
-        else:
-            raise DataError(f"{spec}: no such file or directory")
+        for path in found:
+            try:
+                check_regular(path, DataError)
+            except FileNotFoundError:
+                raise DataError(f"{path}: no such file or directory") from None
+            except OSError as e:
+                raise DataError(f"{path}: cannot read ({e.strerror})") from None
         files.update(dict.fromkeys(found))
     return list(files)
+
+
+def safe_glob(pattern: str) -> list[str]:
+    """The paths matching a glob ``pattern`` as :func:`glob.glob` (``recursive=True``) finds
+    them (``**`` is any number of directories; ``*`` skips names starting with a dot unless
+    the pattern's part does too), except that ``**`` never enters a symbolic link to a
+    directory: a link cycle would make :func:`glob.glob` list the same files dozens of times
+    over, or run for hours."""
+    parts = pattern.split(os.sep)
+    fixed = 0
+    while fixed < len(parts) - 1 and not glob.has_magic(parts[fixed]):
+        fixed += 1
+    root = os.sep.join(parts[:fixed]) or (os.sep if pattern.startswith(os.sep) else "")
+    found: list[str] = []
+
+    def entries(folder: str) -> list[os.DirEntry]:
+        try:
+            with os.scandir(folder or os.curdir) as it:
+                return list(it)
+        except OSError:
+            return []
+
+    def walk(folder: str, rest: list[str]) -> None:
+        head, tail = rest[0], rest[1:]
+        if head == "**":
+            if tail:
+                walk(folder, tail)  # zero directories
+            for e in entries(folder):
+                if not e.name.startswith(".") and e.is_dir(follow_symlinks=False):
+                    if not tail:
+                        found.append(os.path.join(folder, e.name))
+                    walk(os.path.join(folder, e.name), rest)
+            if not tail:
+                found.extend(
+                    os.path.join(folder, e.name)
+                    for e in entries(folder)
+                    if not e.name.startswith(".") and not e.is_dir(follow_symlinks=False)
+                )
+            return
+        if not glob.has_magic(head):
+            names = [head] if os.path.lexists(os.path.join(folder, head)) else []
+        else:
+            names = [e.name for e in entries(folder) if fnmatch.fnmatch(e.name, head)
+                     and (head.startswith(".") or not e.name.startswith("."))]  # fmt: skip
+        for name in names:
+            path = os.path.join(folder, name)
+            if not tail:
+                found.append(path)
+            elif os.path.isdir(path):
+                walk(path, tail)
+
+    walk(root, parts[fixed:])
+    return found
 
 
 def file_kind(path: str) -> str:
@@ -216,7 +281,9 @@ def load_tokens(
     cached = meta is not None
     if meta is None:
         meta = _tokenize_to_cache(infos, tokenizer, column, field, cache_dir, key, show_progress)
-    files_meta = meta["files"]
+    # the files as given this time: a cache entry made from the same bytes under another name
+    # (a copy) is reused, but reported with the names the user passed now
+    files_meta = [dict(f, path=i["path"]) for f, i in zip(meta["files"], infos, strict=True)]
     for f in files_meta:
         if f["replaced"]:
             log.warning(
@@ -265,7 +332,7 @@ def _inspect(path: str) -> dict[str, Any]:
         return _inspect_binary(path)
     sha, legit, size, tail = hashlib.sha256(), 0, 0, b""
     try:
-        with open(path, "rb") as f:
+        with open_regular(path, DataError) as f:
             head = f.read(_SNIFF)
             block = head
             while block:
@@ -306,7 +373,8 @@ def _inspect_binary(path: str) -> dict[str, Any]:
 
 def _open_text(path: str) -> io.TextIOWrapper:
     # utf-8-sig drops a byte-order mark; newline="" leaves line endings to csv/our own code.
-    return open(path, encoding="utf-8-sig", errors="replace", newline="")
+    raw = open_regular(path, DataError)
+    return io.TextIOWrapper(raw, encoding="utf-8-sig", errors="replace", newline="")
 
 
 def _text_document(path: str, counter: dict[str, int]) -> Iterator[str]:
@@ -585,6 +653,7 @@ def _tokenize_to_cache(
             "dtype": TOKEN_DTYPE.str,
             "files": files_meta,
         }
+        apply_umask(tmp)
         os.replace(tmp, os.path.join(cache_dir, f"{key}.tokens"))
         write_json_atomic(os.path.join(cache_dir, f"{key}.json"), meta)
         return meta

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import json
 import os
 from typing import Any
 
@@ -22,8 +24,9 @@ from gpt2jax import lora
 from gpt2jax.config import GPT2Config
 from gpt2jax.convert.hf import describe_hf_dir, read_hf_config, read_hf_dir
 from gpt2jax.convert.hf_tokenizer import load_tokenizer
+from gpt2jax.convert.mapping import flatten
 from gpt2jax.convert.openai_tf import read_hparams, read_openai_dir
-from gpt2jax.errors import Gpt2JaxError
+from gpt2jax.errors import CheckpointError, Gpt2JaxError
 from gpt2jax.model import GPT2, init_params
 from gpt2jax.store import runs
 from gpt2jax.store.model_dir import detect, read_meta, restore_params
@@ -144,6 +147,7 @@ def load(
     *,
     dtype: Any = None,
     compute_dtype: Any = jnp.float32,
+    allow_changed_base: bool = False,
 ) -> Pretrained:
     """Loads a model directory (gpt2jax, OpenAI TF or Hugging Face), detected from its files.
 
@@ -154,6 +158,11 @@ def load(
         dtype: parameter dtype to load into (default: as stored for gpt2jax directories,
             float32 for OpenAI and Hugging Face ones).
         compute_dtype: dtype :meth:`Pretrained.logits` computes in.
+        allow_changed_base: load a LoRA run whose base model's weights changed since the run
+            started (refused otherwise: the adapters were trained for the old ones).
+
+    A training run loads as its newest checkpoint; one that a running ``finetune`` removes
+    while it is being read (``--keep``) is replaced by the newer one it made room for.
     """
     src = path if isinstance(path, ModelSource) else describe(path)
     path, kind = src.path, src.kind
@@ -170,22 +179,18 @@ def load(
         source = {"format": "hf", "path": os.path.abspath(path)}
         tokenizer = load_tokenizer(path)  # vocab.json + merges.txt, or tokenizer.json
     elif kind == "run":
-        config, train = src.config, src.train
-        # a training run loads as its newest checkpoint (this raises when there is none)
-        step = src.step if src.step is not None else runs.latest_step(path)
-        if (
-            train.memory_settings.lora_rank
-        ):  # its checkpoints hold adapters: merged into the starting model
-            params = restore_lora_run(path, config, train, step, dtype=dtype)
-        else:
-            params = runs.restore_params(path, config, step, dtype=dtype)
+        config = src.config
+        step, params = _newest_checkpoint(src, dtype, allow_changed_base)
         source = {"format": "gpt2jax-run", "path": os.path.abspath(path), "step": step}
     else:
         raise Gpt2JaxError(f"{path}: loading a {kind!r} directory is not supported yet")
+    tokenizer = tokenizer or Tokenizer.from_dir(path)
+    field = "vocab_size" if kind == "hf" else "n_vocab"
+    tokenizer.check_model_vocab(config.n_vocab, _config_file(path, kind), field)
     return Pretrained(
         config=config,
         params=params,
-        tokenizer=tokenizer or Tokenizer.from_dir(path),
+        tokenizer=tokenizer,
         path=path,
         kind=kind,
         compute_dtype=compute_dtype,
@@ -193,20 +198,136 @@ def load(
     )
 
 
+def _config_file(path: str, kind: str) -> str:
+    """The file that states a model directory's vocabulary size, for messages."""
+    name = {"openai": "hparams.json", "run": runs.RUN_JSON}.get(kind, "config.json")
+    return os.path.join(path, name)
+
+
+def _newest_checkpoint(src: ModelSource, dtype: Any, allow_changed_base: bool) -> tuple[int, Any]:
+    """``(step, params)`` of a run's newest checkpoint. A live run (``--keep``) may move the step
+    being read away once a newer one is complete: then the newer one is read."""
+    path, config, train = src.path, src.config, src.train
+    step = src.step if src.step is not None else runs.latest_step(path)  # raises if none
+    for _ in range(5):
+        try:
+            if train.memory_settings.lora_rank:  # its checkpoints hold adapters: merged in the base
+                return step, restore_lora_run(
+                    path, config, train, step, dtype=dtype, allow_changed_base=allow_changed_base
+                )
+            return step, runs.restore_params(path, config, step, dtype=dtype)
+        except CheckpointError as e:
+            newest = runs.latest_step(path)
+            if os.path.isdir(os.path.join(path, runs.CHECKPOINTS, str(step))) or newest == step:
+                raise _with_older(e, path, step) from None  # still there: damaged, not rotated
+            step = newest
+    raise CheckpointError(f"{path}: its checkpoints change faster than they can be read")
+
+
+def _with_older(error: CheckpointError, path: str, step: int) -> CheckpointError:
+    """``error`` (about checkpoint ``step``) naming the run's older checkpoints, if any."""
+    folder = os.path.join(path, runs.CHECKPOINTS)
+    older = sorted((int(n) for n in os.listdir(folder) if n.isdigit() and int(n) < step),
+                   reverse=True)  # fmt: skip
+    if not older:
+        return error
+    return CheckpointError(
+        f"{error}; older checkpoints: {', '.join(map(str, older))} (gpt2jax finetune --resume "
+        "falls back to the newest that restores)"
+    )
+
+
+def params_fingerprint(params: Any) -> str:
+    """A hash of a parameter tree's contents: every leaf's name, dtype, shape and bytes."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name, leaf in sorted(flatten(params).items()):
+        value = np.ascontiguousarray(np.asarray(leaf))
+        digest.update(f"{name}:{value.dtype.str}:{value.shape};".encode())
+        digest.update(value.reshape(-1).view(np.uint8).data)
+    return digest.hexdigest()
+
+
+def files_signature(path: str) -> str:
+    """A hash of the names, sizes and modification times of every file under ``path``: when it
+    is unchanged, so are the weights, and they need not be hashed again."""
+    entries = []
+    for root, dirs, names in os.walk(path):
+        dirs.sort()
+        for name in sorted(names):
+            full = os.path.join(root, name)
+            try:
+                st = os.stat(full)
+            except OSError:
+                continue
+            entries.append((os.path.relpath(full, path), st.st_size, st.st_mtime_ns))
+    return hashlib.sha256(json.dumps(entries).encode()).hexdigest()[:32]
+
+
+def base_record(path: str, params: Any) -> dict[str, Any]:
+    """What a LoRA run's ``run.json`` records of its base model (computed once, at the start):
+    the path, a fingerprint of the weights (:func:`params_fingerprint`) and of the files."""
+    return {"path": path, "fingerprint": params_fingerprint(params), "files": files_signature(path)}
+
+
+def run_base_params(
+    run_path: str,
+    train: TrainConfig,
+    config: GPT2Config,
+    *,
+    allow_changed_base: bool = False,
+    update_record: bool = False,
+) -> Any:
+    """The parameters a run started from: ``train.init``'s random weights, or ``train.model``'s,
+    which a LoRA run checks against the fingerprint its ``run.json`` recorded: changed weights
+    are refused (naming the path) unless ``allow_changed_base``; then ``update_record``
+    records the new ones."""
+    model, lora_rank = train.source.model, train.memory_settings.lora_rank
+    if train.source.init is not None:
+        return init_params(config, train.run.seed)
+    try:
+        params = load(model).params
+    except Gpt2JaxError as e:
+        if not lora_rank:
+            raise
+        raise CheckpointError(
+            f"{run_path}: the LoRA run needs its base model {model}, which does not load ({e})"
+        ) from None
+    recorded = runs.read_base(run_path) if lora_rank else None
+    if recorded is None or recorded.get("files") == files_signature(model):
+        return params
+    now = base_record(model, params)
+    if now["fingerprint"] == recorded.get("fingerprint"):
+        return params  # touched, not changed
+    if not allow_changed_base:
+        raise CheckpointError(
+            f"{run_path}: its LoRA adapters were trained on the base model {model} as it "
+            f"was then, and that directory now holds other weights (fingerprint "
+            f"{now['fingerprint'][:12]}, the run recorded {str(recorded.get('fingerprint'))[:12]}"
+            f"); put that model back at {model}, or pass --allow-changed-base"
+        )
+    if update_record:
+        runs.write_run_json(run_path, config, train, base=now)
+    return params
+
+
 def restore_lora_run(
-    path: str, config: GPT2Config, train: TrainConfig, step: int, dtype: Any = None
+    path: str,
+    config: GPT2Config,
+    train: TrainConfig,
+    step: int,
+    dtype: Any = None,
+    allow_changed_base: bool = False,
 ) -> dict:
     """The model checkpoint ``step`` of a LoRA run stands for: its adapters (what the run saves)
     merged into the base model the run started from (``train.source.model``, or
     ``train.source.init``'s random weights, which the seed determines).
 
     The model is float32 unless ``dtype`` asks for another: the adapters' deltas need float32
-    to survive (:func:`gpt2jax.lora.merge_lora`), whatever dtype the base was trained in."""
+    to survive (:func:`gpt2jax.lora.merge_lora`), whatever dtype the base was trained in. A
+    base whose weights changed since the run started is refused unless
+    ``allow_changed_base`` (:func:`run_base_params`)."""
     adapters = runs.restore_adapters(path, config, train, step)
-    if train.source.init is not None:
-        base = init_params(config, train.run.seed)
-    else:
-        base = load(train.source.model).params
+    base = run_base_params(path, train, config, allow_changed_base=allow_changed_base)
     base = jax.tree.map(lambda x: jnp.asarray(x, train.memory_settings.param_dtype), base)
     merged = lora.merge_lora(
         base,

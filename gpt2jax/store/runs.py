@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -23,10 +24,20 @@ import time
 from typing import Any
 
 from gpt2jax.config import GPT2Config, read_json
-from gpt2jax.errors import CheckpointError, Gpt2JaxError
+from gpt2jax.errors import CheckpointError, Gpt2JaxError, chain_text
+from gpt2jax.errors import reason as _reason
+from gpt2jax.files import (
+    WriterLock,
+    apply_umask,
+    check_not_overlapping,
+    check_utf8_path,
+    umask,
+)
 from gpt2jax.store.model_dir import TOKENIZER_FILES
 from gpt2jax.train.settings import TrainConfig
 from gpt2jax.version import __version__
+
+log = logging.getLogger(__name__)
 
 FORMAT = "gpt2jax-run"
 FORMAT_VERSION = 1
@@ -38,6 +49,7 @@ PLOT = "loss.png"
 
 REPORTERS = ("tensorboard", "wandb")  # --report-to (gpt2jax.train.reporting)
 TRASH = ".deleted"  # checkpoints/.deleted: old checkpoints are renamed here, then deleted
+DAMAGED = ".damaged"  # checkpoints/.damaged/<step>: checkpoints that did not restore, kept
 
 
 def save_concurrent_gb(largest_leaf: int) -> int:
@@ -47,20 +59,24 @@ def save_concurrent_gb(largest_leaf: int) -> int:
 
 
 def write_json_atomic(path: str, data: Any) -> None:
-    """Writes JSON under a temporary name and renames it into place."""
+    """Writes JSON under a temporary name and renames it into place (mode as the umask says)."""
     fd, tmp = tempfile.mkstemp(prefix=".", suffix=".tmp", dir=os.path.dirname(path))
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(data, f, indent=2)
             f.write("\n")
+        apply_umask(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
 
 
-def check_new_run(path: str) -> None:
-    """Refuses a directory that already holds a run or anything else, or cannot be written."""
+def check_new_run(path: str, inputs: tuple[str | None, ...] = ()) -> None:
+    """Refuses a directory that already holds a run or anything else, lies inside an input
+    (the starting model, a data directory: the run's own files would become data), or cannot
+    be written."""
+    check_not_overlapping(path, inputs)
     if os.path.exists(os.path.join(path, RUN_JSON)):
         raise Gpt2JaxError(f"{path}: already holds a run; continue it with --resume {path}")
     if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
@@ -72,7 +88,8 @@ def check_writable(path: str) -> None:
     """A clear error, before any training, when no file can be written in ``path`` (or, when it
     does not exist yet, in the directory that would hold it): a read-only or full disk, no
     permission, a file in the way. Found by writing (and removing) a small file, which is the
-    only test that sees all of these."""
+    only test that sees all of these. A name orbax cannot use (not UTF-8) is refused too."""
+    check_utf8_path(path)
     where = os.path.abspath(path)
     while not os.path.exists(where):
         where = os.path.dirname(where)
@@ -90,7 +107,11 @@ def check_writable(path: str) -> None:
 
 
 def create_run(
-    path: str, config: GPT2Config, train: TrainConfig, tokenizer_dir: str | None
+    path: str,
+    config: GPT2Config,
+    train: TrainConfig,
+    tokenizer_dir: str | None,
+    base: dict[str, Any] | None = None,
 ) -> None:
     """Creates the run directory: ``run.json`` and the tokenizer files. Refuses a used one.
 
@@ -111,7 +132,8 @@ def create_run(
                     src = os.path.join(tokenizer_dir, name)
                     if os.path.exists(src):
                         shutil.copyfile(src, os.path.join(tmp, name))
-            write_run_json(tmp, config, train)
+            write_run_json(tmp, config, train, base=base)
+            os.chmod(tmp, 0o777 & ~umask())
             os.rename(tmp, path)  # also replaces an empty directory, which check_new_run allows
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -120,18 +142,67 @@ def create_run(
         raise Gpt2JaxError(f"{path}: cannot create the run directory ({e.strerror})") from None
 
 
-def write_run_json(path: str, config: GPT2Config, train: TrainConfig) -> None:
-    write_json_atomic(
-        os.path.join(path, RUN_JSON),
-        {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "config": config.to_dict(),
-            "train": train.to_dict(),
-            "gpt2jax_version": __version__,
-            "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        },
-    )
+def write_run_json(
+    path: str, config: GPT2Config, train: TrainConfig, base: dict[str, Any] | None = None
+) -> None:
+    """Writes ``run.json``; what an existing one records besides the settings (a LoRA run's
+    ``base``) is kept unless ``base`` replaces it."""
+    run_json = os.path.join(path, RUN_JSON)
+    kept = read_json(run_json) if os.path.exists(run_json) else {}
+    data = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "config": config.to_dict(),
+        "train": train.to_dict(),
+        "gpt2jax_version": __version__,
+        "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    base = base if base is not None else kept.get("base")
+    if base is not None:
+        data["base"] = base
+    write_json_atomic(run_json, data)
+
+
+def read_base(path: str) -> dict[str, Any] | None:
+    """What ``run.json`` recorded of a LoRA run's base model (None for runs before it was)."""
+    base = read_json(os.path.join(path, RUN_JSON)).get("base")
+    return base if isinstance(base, dict) else None
+
+
+def lock_path(path: str) -> str:
+    """The writer lock of the run ``path``: ``.<name>.lock`` beside it, so that one path serves
+    a run that does not exist yet and one that does."""
+    real = os.path.realpath(os.path.abspath(path))
+    return os.path.join(os.path.dirname(real), f".{os.path.basename(real)}.lock")
+
+
+@contextlib.contextmanager
+def writer_lock(path: str, resume: bool, enabled: bool = True):
+    """Holds the run's writer lock (:class:`gpt2jax.files.WriterLock`) for the block: a second
+    ``finetune`` of the same run (new or ``--resume``) refuses at once, naming the first. A run
+    to resume must be one; the run directory (or the place it will be created) is checked to be
+    writable first."""
+    if not enabled:
+        yield None
+        return
+    if resume:
+        read_run(path)
+    check_writable(path)
+    lock = WriterLock(os.path.abspath(path), lock_path(path))
+    try:
+        os.makedirs(os.path.dirname(lock.path), exist_ok=True)
+        lock.acquire()
+    except OSError as e:
+        raise Gpt2JaxError(
+            f"{path}: cannot take the writer lock {lock.path} ({e.strerror})"
+        ) from None
+    if lock.took_over:
+        log.info("%s: removed the stale lock of pid %s (no longer running)", path,
+                 lock.took_over.get("pid"))  # fmt: skip
+    try:
+        yield lock
+    finally:
+        lock.release()
 
 
 def read_run(path: str) -> tuple[GPT2Config, TrainConfig]:
@@ -247,6 +318,34 @@ class Checkpoints:
             ) from None
         return out.params, out.opt_state, out.meta
 
+    def restore_newest(self, params: Any, opt_state: Any) -> tuple[int, Any, Any, dict] | None:
+        """``(step, params, opt_state, meta)`` of the newest checkpoint that restores (None when
+        there is none). Newer ones that do not restore (damaged on disk) are each reported in
+        one line and moved to ``checkpoints/.damaged/<step>``, kept for inspection, so that the
+        run continues from the one that restores and saves over none of them. When none
+        restores (an error that is not the checkpoints', say), nothing is moved and the newest
+        one's error is raised."""
+        failed: list[tuple[int, CheckpointError]] = []
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                restored = self.restore(step, params, opt_state)
+            except CheckpointError as e:
+                failed.append((step, e))
+                continue
+            for bad, error in failed:
+                moved = os.path.join(self.directory, DAMAGED, str(bad))
+                if self.primary:  # one process moves it; every one skips it
+                    os.makedirs(os.path.dirname(moved), exist_ok=True)
+                    shutil.rmtree(moved, ignore_errors=True)
+                    os.rename(os.path.join(self.directory, str(bad)), moved)
+                    log.warning("%s; moved to %s, resuming from checkpoint %d", error, moved, step)
+            if failed:
+                self.manager.reload()
+            return (step, *restored)
+        if failed:
+            raise failed[0][1]
+        return None
+
     def wait(self) -> None:
         """Waits for the save in flight; raises its failure."""
         self._checked(self._saving, self.manager.wait_until_finished)
@@ -266,7 +365,7 @@ class Checkpoints:
             call()
         except Exception as e:
             self._failed = True
-            found = re.search(r"/(\d+)\.orbax-checkpoint-tmp", _chain_text(e))
+            found = re.search(r"/(\d+)\.orbax-checkpoint-tmp", chain_text(e))
             failed = int(found.group(1)) if found else step
             try:
                 done = [int(n) for n in os.listdir(self.directory) if n.isdigit()]
@@ -294,29 +393,6 @@ class Checkpoints:
             if idle:
                 with contextlib.suppress(OSError):
                     os.rmdir(trash)
-
-
-def _chain_text(e: BaseException) -> str:
-    """The messages of ``e`` and the exceptions it was raised from or during."""
-    parts, seen = [], set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        parts.append(str(e))
-        e = e.__cause__ or e.__context__
-    return "\n".join(parts)
-
-
-def _reason(e: BaseException) -> str:
-    """What went wrong, in a few words: the OS error behind an orbax / TensorStore failure
-    (which reports it as ``[os_error_code='28']``), else the exception's first line."""
-    text = _chain_text(e)
-    code = re.search(r"os_error_code='?(\d+)", text)
-    if code:
-        return os.strerror(int(code.group(1)))
-    if isinstance(e, OSError) and e.strerror:
-        return e.strerror
-    first = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
-    return f"{type(e).__name__}: {first[:300]}" if first else type(e).__name__
 
 
 def latest_step(path: str) -> int:
@@ -365,7 +441,7 @@ def restore_params(path: str, config: GPT2Config, step: int, dtype: Any = None) 
     except CheckpointError:
         raise
     except Exception as e:
-        raise CheckpointError(f"{params_dir}: unreadable ({type(e).__name__}: {e})") from None
+        raise CheckpointError(f"{params_dir}: unreadable ({_reason(e)})") from None
     finally:
         handler.close()
 
@@ -384,9 +460,7 @@ def restore_adapters(path: str, config: GPT2Config, train: TrainConfig, step: in
     try:
         adapters = handler.restore(params_dir, args=ocp.args.StandardRestore(shapes))
     except Exception as e:
-        raise CheckpointError(
-            f"{params_dir}: unreadable LoRA adapters ({type(e).__name__})"
-        ) from None
+        raise CheckpointError(f"{params_dir}: unreadable LoRA adapters ({_reason(e)})") from None
     finally:
         handler.close()
     return adapters

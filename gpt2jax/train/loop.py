@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import glob
 import logging
 import math
 import os
@@ -28,7 +29,7 @@ import numpy as np
 
 from gpt2jax.config import GPT2Config, get_preset
 from gpt2jax.errors import ConfigError, DataError, Gpt2JaxError
-from gpt2jax.loader import Pretrained, describe, load
+from gpt2jax.loader import Pretrained, base_record, describe, load, run_base_params
 from gpt2jax.model import init_params
 from gpt2jax.progress import progress_bar
 from gpt2jax.store import runs
@@ -59,15 +60,27 @@ SAMPLE_TOP_K = 40  # as in OpenAI's interactive_conditional_samples.py
 class NonFiniteLossError(Gpt2JaxError):
     """The loss or gradient became NaN/inf; ``step`` is the update that produced it."""
 
-    def __init__(self, step: int, loss: float, checkpoint: int | None, run_dir: str) -> None:
+    def __init__(
+        self,
+        step: int,
+        loss: float,
+        checkpoint: int | None,
+        run_dir: str,
+        grad_norm: float | None = None,
+    ) -> None:
         self.step, self.loss, self.checkpoint = step, loss, checkpoint
+        self.grad_norm = grad_norm
         kept = (
             f"the last good checkpoint is step {checkpoint} ({run_dir}/checkpoints/{checkpoint})"
             if checkpoint is not None
             else "no checkpoint had been saved"
         )
+        if math.isfinite(loss) and grad_norm is not None and not math.isfinite(grad_norm):
+            what = f"the gradient norm is {grad_norm} (not finite; the loss was {loss})"
+        else:
+            what = f"the loss is {loss} (not finite)"
         super().__init__(
-            f"{run_dir}: step {step}: the loss is {loss} (not finite); training stopped and "
+            f"{run_dir}: step {step}: {what}; training stopped and "
             f"{kept}. Lower --lr, or resume with --skip-nonfinite to skip such updates"
         )
 
@@ -93,8 +106,12 @@ def finetune(
     overrides: dict[str, Any] | None = None,
     cache_dir: str | os.PathLike | None = None,
     show_progress: bool = True,
+    allow_changed_base: bool = False,
 ) -> FinetuneResult:
     """Fine-tunes (or trains from scratch) into the run directory ``out``.
+
+    One process at a time writes a run: a second one (new or resumed) on the same directory
+    refuses at once, naming the first.
 
     Args:
         out: the run directory; created for a new run, read for ``resume``.
@@ -104,6 +121,8 @@ def finetune(
             ``steps``).
         cache_dir: where tokenized data is cached (default
         :func:`gpt2jax.train.data.default_cache_dir`). show_progress: progress bars on stderr.
+        allow_changed_base: resume a LoRA run whose base model's weights changed since the run
+            started (recording the new ones); refused otherwise.
 
     The loop never waits for the device just to log: it dispatches step ``k`` and then reads
     step ``k - 1``'s metrics, which are ready by then, so the device always has the next step
@@ -123,9 +142,12 @@ def finetune(
     such updates are skipped instead and counted.
     """
     cluster.initialize()
+    out = os.path.abspath(os.fspath(out))
     try:
-        result = _prepare(os.path.abspath(os.fspath(out)), train, resume, overrides or {},
-                          cache_dir, show_progress).run()  # fmt: skip
+        # one writer: the process that writes the run's files holds its lock
+        with runs.writer_lock(out, resume, enabled=jax.process_index() == 0):
+            result = _prepare(out, train, resume, overrides or {}, cache_dir, show_progress,
+                              allow_changed_base).run()  # fmt: skip
     except BaseException:
         cluster.Watchdog.abandon()  # the other processes stop too (if any)
         raise
@@ -140,6 +162,7 @@ def _prepare(
     overrides: dict[str, Any],
     cache_dir: Any,
     show_progress: bool,
+    allow_changed_base: bool = False,
 ) -> _Run:
     """The run, ready to loop: settings checked, data loaded, steps compiled, state on the
     devices (the starting weights' host copy is gone when this returns)."""
@@ -156,15 +179,18 @@ def _prepare(
         train.validate()
         check_reporters(train.logging.report_to)
         # Process 0 alone writes the run's own files (run.json, metrics, samples, plot).
-        cluster.primary_first("check-new-run", lambda: runs.check_new_run(out))
-        config, params, tokenizer, tokenizer_dir = _starting_model(train)
+        cluster.primary_first("check-new-run", lambda: runs.check_new_run(out, _inputs(train)))
+        config, params, tokenizer, tokenizer_dir = _starting_model(train, allow_changed_base)
+        # a LoRA run's base: fingerprinted once, so that a later change of it is noticed
+        model, lora_rank = train.source.model, train.memory_settings.lora_rank
+        base = base_record(model, params) if lora_rank and model else None
         train = _resolve_seq_len(train, config)
         # recorded, so that a resume keeps the lr's horizon
         if train.schedule.schedule_steps is None:
             train = train.replace(schedule_steps=train.schedule.steps)
-    run = _Run(out, config, train, tokenizer, cache_dir, show_progress)
+    run = _Run(out, config, train, tokenizer, cache_dir, show_progress, allow_changed_base)
     if not resume:  # only once the data and settings have proved usable
-        create = lambda: runs.create_run(out, config, train, tokenizer_dir)  # noqa: E731
+        create = lambda: runs.create_run(out, config, train, tokenizer_dir, base=base)  # noqa: E731
         cluster.primary_first("create-run", create)  # the others wait for the directory
     run.start_state(params, resume)
     return run
@@ -182,6 +208,18 @@ def _absolute_paths(train: TrainConfig) -> TrainConfig:
         data=[absolute(p) for p in train.dataset.data],
         val_data=[absolute(p) for p in train.dataset.val_data],
     )
+
+
+def _inputs(train: TrainConfig) -> tuple[str | None, ...]:
+    """What a new run reads, which its directory must not lie in: the starting model, and the
+    data's directories (a glob's fixed part), where the run's own text files would become
+    training data."""
+    folders = []
+    for spec in [*train.dataset.data, *train.dataset.val_data]:
+        while glob.has_magic(spec):
+            spec = os.path.dirname(spec)
+        folders.append(spec if os.path.isdir(spec) else None)
+    return (train.source.model, *folders)
 
 
 def _resolve_seq_len(train: TrainConfig, config: GPT2Config) -> TrainConfig:
@@ -208,18 +246,34 @@ def _resumed_settings(out: str, overrides: dict[str, Any]) -> tuple[GPT2Config, 
     if overrides:
         train = train.replace(**overrides)
         train.validate()
+        _check_not_behind(out, train.schedule.steps)
         if jax.process_index() == 0:
             runs.write_run_json(out, config, train)
     return config, train
 
 
-def _starting_model(train: TrainConfig) -> tuple[GPT2Config, Any, Tokenizer, str | None]:
+def _check_not_behind(out: str, steps: int) -> None:
+    """``--steps`` below the step a run has reached would rewrite its record of a longer run."""
+    try:
+        reached = runs.latest_step(out)
+    except Gpt2JaxError:
+        return  # no checkpoint yet
+    if steps < reached:
+        raise ConfigError(
+            f"{out}: the run is at step {reached} already; --steps {steps} would end it before "
+            f"that (give --steps {reached} or more)"
+        )
+
+
+def _starting_model(
+    train: TrainConfig, allow_changed_base: bool = False
+) -> tuple[GPT2Config, Any, Tokenizer, str | None]:
     """``(config, params, tokenizer, tokenizer_dir)`` of the model the run starts from."""
     if train.source.init is not None:
         config = get_preset(train.source.init)
         return config, None, Tokenizer.default(), None  # params: drawn from the seed later
     source = describe(train.source.model)
-    model = load(source)
+    model = load(source, allow_changed_base=allow_changed_base)
     has_files = source.tokenizer is not None and source.tokenizer[0] == "encoder.json"
     return model.config, model.params, model.tokenizer, source.path if has_files else None
 
@@ -257,8 +311,10 @@ class _Run:
         tokenizer: Tokenizer,
         cache_dir: Any,
         show_progress: bool,
+        allow_changed_base: bool = False,
     ) -> None:
         self.out, self.config, self.train, self.tokenizer = out, config, train, tokenizer
+        self.allow_changed_base = allow_changed_base
         if train.memory_settings.parallel == "fsdp":
             from gpt2jax.train.sharding import FSDP
 
@@ -423,24 +479,33 @@ class _Run:
         if params is None and t.source.init is not None:  # random weights, drawn on the devices
             return self.dp.init(lambda: create(init_params(self.config, t.run.seed)))
         if params is None:
-            params = _initial_params(t, self.config)
+            params = self._base_params()
         self.dp.to_devices(params)
         return self.dp.init(create, params, donate=True)
 
+    def _base_params(self) -> Any:
+        """The parameters the run started from (a LoRA run's base, checked against the
+        fingerprint its run.json recorded)."""
+        return run_base_params(
+            self.out, self.train, self.config, allow_changed_base=self.allow_changed_base,
+            update_record=self.primary,
+        )  # fmt: skip
+
     def _restore(self) -> int | None:
-        """Restores the latest checkpoint onto the devices; its step, or None if none."""
-        step = self.ckpts.latest_step()
-        if step is None:
-            return None
+        """Restores the newest checkpoint that restores onto the devices (a damaged newer one
+        is reported and moved aside); its step, or None if there is none."""
         shapes, _ = self.recipe.abstract_params()
         opt_shapes = jax.eval_shape(self.tx.init, shapes)
         shapes, opt_shapes = self.dp.restore_target((shapes, opt_shapes))
-        params, opt_state, meta = self.ckpts.restore(step, shapes, opt_shapes)
+        restored = self.ckpts.restore_newest(shapes, opt_shapes)
+        if restored is None:
+            return None
+        step, params, opt_state, meta = restored
         params, opt_state = self.dp.from_checkpoint((params, opt_state))
         frozen = None
         # the base model is not checkpointed: it never changes
         if self.train.memory_settings.lora_rank:
-            frozen = self.recipe.split(_initial_params(self.train, self.config), 0)[1]
+            frozen = self.recipe.split(self._base_params(), 0)[1]
         if meta.get("data_key") != self.data_key:
             log.warning(
                 "%s: the training data changed since step %d was saved; the run continues on "
@@ -569,7 +634,7 @@ class _Run:
         self.metrics.write(record)  # a non-finite loss is logged as null
         self.report.write(record)
         if not finite and not self.train.update.skip_nonfinite:
-            raise NonFiniteLossError(step, loss, self.last_saved, self.out)
+            raise NonFiniteLossError(step, loss, self.last_saved, self.out, record["grad_norm"])
         postfix = {"loss": f"{loss:.4f}", "lr": f"{record['lr']:.2e}"}
         if self.val_loss is not None:
             postfix["val"] = f"{self.val_loss:.4f}"
@@ -611,7 +676,7 @@ class _Run:
         text = generate(
             model,
             t.logging.sample_prompt or None,
-            max_new_tokens=t.logging.sample_length,
+            max_new_tokens=min(t.logging.sample_length, self.config.n_ctx),
             top_k=SAMPLE_TOP_K,
             seed=t.run.seed + step,
             truncate_prompt=True,
@@ -677,10 +742,3 @@ def return_freed_memory() -> None:
         return
     libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD: fixed, so it no longer grows
     libc.mallopt(-1, 1 << 20)  # M_TRIM_THRESHOLD: give back free heap tops above 1 MiB
-
-
-def _initial_params(train: TrainConfig, config: GPT2Config) -> Any:
-    """The parameters a run starts from: the starting model's, or random for ``init``."""
-    if train.source.init is not None:
-        return init_params(config, train.run.seed)
-    return load(train.source.model).params

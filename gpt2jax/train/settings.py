@@ -13,6 +13,7 @@ from typing import Any
 from gpt2jax.dtypes import TRAINING
 from gpt2jax.errors import ConfigError
 from gpt2jax.model import REMAT_POLICIES
+from gpt2jax.validate import check_number
 
 PARALLEL = ("data", "fsdp")
 
@@ -121,10 +122,10 @@ class MemorySettings:
                     f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, "
                     f"got {getattr(self, name)!r}"
                 )
-        if self.loss_chunk < 0:
-            raise ConfigError(f"--loss-chunk must be >= 0 (0: off), got {self.loss_chunk}")
-        if self.lora_rank < 0:
-            raise ConfigError(f"--lora-rank must be >= 0 (0: off), got {self.lora_rank}")
+        check_number("--loss-chunk", self.loss_chunk, low=0, integer=True, hint="0: off")
+        check_number("--lora-rank", self.lora_rank, low=0, integer=True, hint="0: off")
+        if self.lora_alpha is not None:
+            check_number("--lora-alpha", self.lora_alpha, low=0, low_open=True)
         if self.lora_alpha is not None and self.lora_rank == 0:
             raise ConfigError("--lora-alpha needs --lora-rank")
         if self.lora_rank and self.freeze:
@@ -243,8 +244,10 @@ class TrainConfig:
         return TrainConfig(**{**self.to_dict(), **flat})
 
     def validate(self) -> None:
-        """Raises :class:`ConfigError` naming the flag when a setting is impossible."""
-        src, d, s, lg = self.source, self.dataset, self.schedule, self.logging
+        """Raises :class:`ConfigError` naming the flag when a setting is impossible: every
+        number finite and in range (a NaN compares false with everything, so ``x < 0`` alone
+        let it through)."""
+        src, d, s, lg, u = self.source, self.dataset, self.schedule, self.logging, self.update
         if (src.model is None) == (src.init is None):
             raise ConfigError("give either a starting MODEL directory or --init SIZE, not both")
         if not d.data:
@@ -258,20 +261,23 @@ class TrainConfig:
             "keep": lg.keep,
         }
         for name, value in positive.items():
-            if value <= 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {value}")
+            check_number(_flag(name), value, low=1, integer=True)
         for name, value in {
             "warmup": s.warmup,
             "eval_every": lg.eval_every,
             "sample_every": lg.sample_every,
             "save_every": lg.save_every,
+            "seed": self.run.seed,
         }.items():
-            if value < 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
-        if d.seq_len is not None and d.seq_len < 1:
-            raise ConfigError(f"--seq-len must be >= 1, got {d.seq_len}")
-        if s.schedule_steps is not None and s.schedule_steps <= 0:
-            raise ConfigError(f"--schedule-steps must be > 0, got {s.schedule_steps}")
+            check_number(_flag(name), value, low=0, integer=True)
+        for name, value in {"seq_len": d.seq_len, "schedule_steps": s.schedule_steps}.items():
+            if value is not None:
+                check_number(_flag(name), value, low=1, integer=True)
+        check_number("--lr", u.lr, low=0)
+        check_number("--weight-decay", u.weight_decay, low=0)
+        check_number("--clip", u.clip, low=0, hint="0 turns clipping off")
+        check_number("--dropout", u.dropout, low=0, high=1, high_open=True)
+        check_number("--val-fraction", d.val_fraction, low=0, high=1, high_open=True)
         self.memory_settings.validate()
 
     def to_dict(self) -> dict[str, Any]:
@@ -291,3 +297,7 @@ class TrainConfig:
         if unknown:
             raise ConfigError(f"{source}: unknown training settings {', '.join(unknown)}")
         return cls(**d)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")

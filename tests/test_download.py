@@ -4,11 +4,14 @@ The server serves the committed tiny OpenAI checkpoint (tests/fixtures/openai_ti
 under the size name ``124M``, so a downloaded directory also loads with ``gpt2jax.load``. It
 logs every request (method, path, Range header, status) and follows a per-file plan of faults:
 drop the connection midway, send fewer bytes than its Content-Length, ignore Range, stall past
-the client's timeout, answer 500.
+the client's timeout, answer 500. In ``portal`` mode it answers every URL with the same web page
+(a captive portal), as ``text/html`` or disguised as ``application/octet-stream``; in
+``no_length`` mode it streams the files it is told to without a Content-Length, endlessly.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import socket
 import threading
@@ -38,6 +41,9 @@ class FakeServer:
 
     def __init__(self, files: dict[str, bytes]) -> None:
         self.files = files
+        self.mode: str | None = None  # "portal", "portal_disguised" or "no_length"
+        self.endless: set[str] = set()  # no_length: the paths streamed without end
+        self.sent = 0  # bytes of endless bodies sent
         self.plans: dict[str, list[str]] = {}  # path -> faults, one per GET, in order
         self.log: list[tuple[str, str, str | None, int]] = []  # method, path, Range, status
         self.stop = threading.Event()
@@ -73,8 +79,31 @@ class _Handler(BaseHTTPRequestHandler):
         if self.command != "HEAD":
             self.wfile.write(body[:send])  # send < len(body): the connection then just closes
 
+    def _portal(self, disguised: bool) -> None:
+        page = b"<!DOCTYPE html><html><body>Sign in to the hotel Wi-Fi</body></html>"
+        kind = "application/octet-stream" if disguised else "text/html; charset=utf-8"
+        self._reply(200, {"Content-Type": kind}, page, len(page))
+
+    def _endless(self) -> None:
+        self.server.fake.log.append((self.command, self.path, self.headers.get("Range"), 200))
+        self.send_response(200)
+        self.send_header("Connection", "close")  # no Content-Length: the body ends at close
+        self.end_headers()
+        self.close_connection = True
+        chunk = b"\0" * 65536
+        try:
+            while self.server.fake.sent < 1 << 30 and not self.server.fake.stop.is_set():
+                self.wfile.write(chunk)
+                self.server.fake.sent += len(chunk)
+        except OSError:  # the client hung up
+            pass
+
     def do_GET(self) -> None:
         fake: FakeServer = self.server.fake
+        if fake.mode in ("portal", "portal_disguised"):
+            return self._portal(fake.mode == "portal_disguised")
+        if fake.mode == "no_length" and self.path in fake.endless:
+            return self._endless()
         data = fake.files.get(self.path)
         if data is None:
             return self._reply(404, {}, b"not found", 9)
@@ -288,6 +317,109 @@ def test_base_url_and_cache_from_environment(server, tmp_path, monkeypatch):
     assert directory == str(tmp_path / "cache" / "models" / "124M")
     _assert_same_files(Path(directory))
     assert server.log[0][1] == "/models/124M/checkpoint"  # the trailing "/" is not doubled
+
+
+def _nothing_recorded(directory: Path) -> None:
+    manifest = directory / dl.MANIFEST
+    assert not manifest.exists() or json.loads(manifest.read_text())["files"] == {}
+    assert not dl.is_complete(directory)
+    assert sorted(p.name for p in directory.iterdir() if p.name != dl.MANIFEST) == []
+
+
+@pytest.mark.parametrize("mode", ["portal", "portal_disguised"])
+def test_captive_portal_is_refused_and_a_good_mirror_then_completes(server, tmp_path, mode):
+    """A server answering every URL with a web page: refused at the first file (from its
+    Content-Type, or from its bytes when it claims to be a binary file), nothing recorded; the
+    next download from a real mirror fetches everything."""
+    portal = FakeServer({})
+    portal.mode = mode
+    portal.thread.start()
+    try:
+        with pytest.raises(Gpt2JaxError) as e:
+            dl.download("124M", dest=tmp_path, base_url=portal.base_url, progress=False)
+    finally:
+        portal.stop.set()
+        portal.httpd.shutdown()
+        portal.httpd.server_close()
+    message = str(e.value)
+    assert "\n" not in message and message.startswith(f"{portal.base_url}/124M/checkpoint: ")
+    assert ("web page (Content-Type: text/html)" if mode == "portal" else "web page (HTML)") in (
+        message
+    )
+    assert len(portal.log) == 1  # not retried, nothing more asked
+    _nothing_recorded(tmp_path / "124M")
+    dl.download("124M", dest=tmp_path, base_url=server.base_url, progress=False)
+    _assert_same_files(tmp_path / "124M")
+    assert dl.is_complete(tmp_path / "124M")
+
+
+def test_a_recorded_web_page_is_fetched_again(server, tmp_path):
+    """A directory an older gpt2jax recorded as complete although it held a portal's pages:
+    not complete, and the next download replaces every page."""
+    directory = tmp_path / "124M"
+    directory.mkdir()
+    page = b"<html><body>portal</body></html>"
+    for name in dl.FILES:
+        (directory / name).write_bytes(page)
+    manifest = {"base_url": "http://portal", "files": {n: len(page) for n in dl.FILES}}
+    (directory / dl.MANIFEST).write_text(json.dumps(manifest))
+    assert not dl.is_complete(directory)
+    dl.download("124M", dest=tmp_path, base_url=server.base_url, progress=False)
+    _assert_same_files(directory)
+    assert sorted(r[1].rsplit("/", 1)[1] for r in server.log) == sorted(dl.FILES)
+
+
+@pytest.mark.parametrize("endless", ["checkpoint", DATA])
+def test_a_body_without_content_length_is_cut_off_at_the_files_size(server, tmp_path, endless):
+    """Without a Content-Length the body ends when the server closes: one that never does is
+    cut off just past the most the file can have (the data file: exactly what hparams.json and
+    the index imply), refused, nothing recorded for it; a good mirror then completes it."""
+    server.mode = "no_length"
+    server.endless = {f"/models/124M/{endless}"}
+    with pytest.raises(Gpt2JaxError) as e:
+        dl.download("124M", dest=tmp_path, base_url=server.base_url, progress=False)
+    message = str(e.value)
+    limit = len((TINY_DIR / DATA).read_bytes()) if endless == DATA else dl.MAX_BYTES[endless]
+    assert "\n" not in message and f"/124M/{endless}: the server sent more than the" in message
+    assert f"{limit:,} bytes this file can have" in message
+    assert server.sent < limit + (8 << 20)  # stopped reading soon after the limit
+    assert not (tmp_path / "124M" / endless).exists()
+    manifest = tmp_path / "124M" / dl.MANIFEST
+    assert not manifest.exists() or endless not in json.loads(manifest.read_text())["files"]
+    assert not dl.is_complete(tmp_path / "124M")
+    server.mode = None
+    dl.download("124M", dest=tmp_path, base_url=server.base_url, progress=False)
+    _assert_same_files(tmp_path / "124M")
+
+
+def test_a_content_length_other_than_the_files_is_refused_before_the_body(server, tmp_path):
+    served = _fixture_files()
+    served["/models/124M/vocab.bpe"] = b"#version: 0.2\na b\n"  # 17 bytes, not OpenAI's file
+    server.files.update(served)
+    with pytest.raises(Gpt2JaxError, match=r"vocab.bpe: the server says 18 bytes, the file has "
+                                           r"456,318; nothing was kept"):  # fmt: skip
+        dl.download("124M", dest=tmp_path, base_url=server.base_url, progress=False)
+    assert not (tmp_path / "124M" / "vocab.bpe").exists()
+
+
+def test_an_index_and_data_pair_that_is_not_the_model_is_refused(server, tmp_path):
+    """A data file of the right length whose index lists other tensors: the pair is checked
+    against hparams.json before either is recorded, and both are removed."""
+    from gpt2jax.formats.tf_bundle import write_bundle
+
+    size = len(server.files[f"/models/124M/{DATA}"])
+    other = tmp_path / "other"
+    other.mkdir()
+    write_bundle(other / "model.ckpt", {"a": np.zeros(size // 4, np.float32)})
+    server.files["/models/124M/model.ckpt.index"] = (other / "model.ckpt.index").read_bytes()
+    server.files[f"/models/124M/{DATA}"] = (other / DATA).read_bytes()
+    with pytest.raises(Gpt2JaxError, match=r"does not match a GPT-2") as e:
+        dl.download("124M", dest=tmp_path / "m", base_url=server.base_url, progress=False)
+    directory = tmp_path / "m" / "124M"
+    assert "\n" not in str(e.value) and str(e.value).startswith(f"{server.base_url}/124M/{DATA}")
+    recorded = json.loads((directory / dl.MANIFEST).read_text())["files"]
+    assert "model.ckpt.index" not in recorded and DATA not in recorded
+    assert not (directory / DATA).exists() and not (directory / "model.ckpt.index").exists()
 
 
 def test_bad_base_url(tmp_path):

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
 from gpt2jax.errors import DataError, Gpt2JaxError
+from gpt2jax.files import read_bytes
 
 DTYPE_CHOICES = ("float32", "bfloat16", "float16")
+MAX_PROMPT_FILE_BYTES = 256 * 1024 * 1024
 
 
 def add_generate(sub: argparse._SubParsersAction) -> None:
@@ -33,8 +36,13 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
         help='one prompt per line, or JSON lines with a "prompt" field (.jsonl or lines that '
         'start with "{")',
     )
-    p.add_argument("--out", help="write the samples here as JSON lines")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="tokens per sample at most")
+    p.add_argument("--out", help="write the samples here as JSON lines (checked before any work)")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        help="tokens per sample at most (default: 256, or the model's context if smaller)",
+    )
     p.add_argument("--temperature", type=float, default=1.0, help="0 means greedy")
     p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: off)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: off)")
@@ -64,18 +72,34 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--dtype", choices=DTYPE_CHOICES, help="parameter dtype (default: as stored)")
     p.add_argument("--compute-dtype", choices=DTYPE_CHOICES, default="float32")
+    add_allow_changed_base(p)
     p.set_defaults(func=_cmd_generate)
 
 
+def add_allow_changed_base(p: argparse.ArgumentParser) -> None:
+    """``--allow-changed-base``, for the commands that load a model (a LoRA run included)."""
+    p.add_argument(
+        "--allow-changed-base",
+        action="store_true",
+        help="load a LoRA run even if its base model's weights changed since it was trained "
+        "(refused otherwise)",
+    )
+
+
 def read_prompts(path: str) -> list[str]:
-    """Prompts from a text file (one per non-empty line) or JSON lines ``{"prompt": ...}``."""
+    """Prompts from a text file (one per non-empty line) or JSON lines ``{"prompt": ...}``: a
+    regular UTF-8 file (a leading byte-order mark is dropped) of at most
+    :data:`MAX_PROMPT_FILE_BYTES`."""
     try:
-        with open(path, encoding="utf-8") as f:
-            lines = [(n, line.rstrip("\r\n")) for n, line in enumerate(f, 1) if line.strip()]
+        text = read_bytes(path, MAX_PROMPT_FILE_BYTES, DataError).decode("utf-8-sig")
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file") from None
     except OSError as e:
         raise DataError(f"{path}: cannot read the prompt file ({e.strerror})") from None
     except UnicodeDecodeError:
         raise DataError(f"{path}: not UTF-8 text") from None
+    text = text.replace("\r\n", "\n").replace("\r", "\n")  # universal newlines, as open() reads
+    lines = [(n, line) for n, line in enumerate(text.split("\n"), 1) if line.strip()]
     if not lines:
         raise DataError(f"{path}: no prompts in the file")
     if not (path.endswith(".jsonl") or lines[0][1].lstrip().startswith("{")):
@@ -94,15 +118,25 @@ def read_prompts(path: str) -> list[str]:
 
 def _cmd_generate(args: argparse.Namespace) -> int:
     from gpt2jax.dtypes import DTYPES
-    from gpt2jax.generation.host import generate
-    from gpt2jax.loader import load
+    from gpt2jax.files import check_output_file, write_text_atomic
+    from gpt2jax.generation.host import check_settings, generate
+    from gpt2jax.loader import describe, load
 
     prompts = read_prompts(args.prompt_file) if args.prompt_file else args.prompt
     n_prompts = 1 if prompts is None or isinstance(prompts, str) else len(prompts)
+    source = describe(args.model)
+    check_settings(
+        source.config, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+        top_k=args.top_k, top_p=args.top_p, greedy=args.greedy, num_samples=args.num_samples,
+        batch_size=args.batch_size,
+    )  # fmt: skip
+    if args.out:  # before any work: never found unwritable after all samples are made
+        check_output_file(args.out, overwrite=args.force, inputs=[args.prompt_file, source.path])
     model = load(
-        args.model,
+        source,
         dtype=DTYPES[args.dtype] if args.dtype else None,
         compute_dtype=DTYPES[args.compute_dtype],
+        allow_changed_base=args.allow_changed_base,
     )
     streaming = n_prompts * args.num_samples == 1
 
@@ -110,8 +144,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         sys.stdout.write(text)
         sys.stdout.flush()
 
-    if streaming and args.include_prompt and isinstance(prompts, str):
-        sys.stdout.write(prompts)
+    if streaming and args.include_prompt and prompts:  # --prompt, or a file of one prompt
+        sys.stdout.write(prompts if isinstance(prompts, str) else prompts[0])
     start = time.perf_counter()
     try:
         samples = generate(
@@ -144,10 +178,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             print(f"===== sample {k} (prompt {s.prompt_index}, sample {s.sample_index}) =====")
             print(s.text)
     if args.out:
+        lines = "".join(json.dumps(s.to_json(), ensure_ascii=False) + "\n" for s in samples)
         try:
-            with open(args.out, "w", encoding="utf-8") as f:
-                for s in samples:
-                    f.write(json.dumps(s.to_json(), ensure_ascii=False) + "\n")
+            write_text_atomic(os.path.abspath(args.out), lines)
         except OSError as e:
             raise Gpt2JaxError(f"{args.out}: cannot write the samples ({e.strerror})") from None
     prompt_tokens = sum(len(s.prompt_tokens) for s in samples) if args.include_prompt else 0

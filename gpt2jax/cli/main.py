@@ -14,11 +14,11 @@ import os
 import sys
 from collections.abc import Callable
 
-from gpt2jax.cli.generate import add_generate
+from gpt2jax.cli.generate import add_allow_changed_base, add_generate
 from gpt2jax.cli.launch import add_launch
 from gpt2jax.cli.plan import add_plan
 from gpt2jax.cli.train import add_eval, add_finetune
-from gpt2jax.errors import Gpt2JaxError
+from gpt2jax.errors import Gpt2JaxError, Terminated
 
 DTYPE_CHOICES = ("float32", "bfloat16", "float16")
 
@@ -36,16 +36,23 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     p.add_argument("src", help="source directory, e.g. models/124M")
     p.add_argument("dst", help="gpt2jax model directory to create, e.g. ckpt/124M")
     p.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES, help="stored dtype")
-    p.add_argument("--force", action="store_true", help="replace DST if it already exists")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace DST if it is a model directory (never SRC, nor one holding or inside it)",
+    )
     p.set_defaults(func=_cmd_convert)
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
     import time
 
+    from gpt2jax.cli.train import quiet_background_errors
     from gpt2jax.dtypes import DTYPES
     from gpt2jax.loader import describe
 
+    if not (args.debug or os.environ.get("GPT2JAX_DEBUG") == "1"):
+        quiet_background_errors()  # a failed save: orbax's threads print pages of tracebacks
     src = describe(args.src)  # a size name ("124M") means the download cache
     args.src = src.path
     start = time.perf_counter()
@@ -101,22 +108,42 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
         default="5GB",
         help="split the weights into shards above this size, e.g. 5GB, 500MB, 2GiB (default 5GB)",
     )
-    p.add_argument("--force", action="store_true", help="replace OUT if it is not empty")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace OUT if it is a model directory (never MODEL, nor one holding or inside it)",
+    )
+    add_allow_changed_base(p)
     p.set_defaults(func=_cmd_export)
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
     import time
 
-    from gpt2jax.loader import load
+    from gpt2jax.files import check_destination, check_output_file
+    from gpt2jax.loader import describe, load
 
     start = time.perf_counter()
     if args.fmt == "openai" and args.dtype != "float32":
         raise Gpt2JaxError("--format openai stores float32 (OpenAI's graph declares float32)")
     if args.dtype == "q8_0" and args.fmt != "gguf":
         raise Gpt2JaxError("--dtype q8_0 is for --format gguf")
-    model = load(args.model)
+    source = describe(args.model)
+    # what the export reads (the model, and a LoRA run's base model), checked before loading
+    inputs = [source.path, source.train.source.model if source.train is not None else None]
+    if args.fmt == "gguf":  # one file
+        check_output_file(args.out, overwrite=args.force, inputs=inputs)
+    else:
+        check_destination(args.out, overwrite=args.force, inputs=inputs)
+    model = load(source, allow_changed_base=args.allow_changed_base)
     args.model = model.path  # a size name ("124M") resolved to its directory
+    if model.config.n_vocab != model.tokenizer.n_vocab:  # no tokenizer files: GPT-2's are written
+        print(
+            f"gpt2jax: warning: {args.model} has {model.config.n_vocab} tokens (n_vocab) but the "
+            f"tokenizer written beside it has {model.tokenizer.n_vocab}: loading {args.out} will "
+            "refuse the mismatch",
+            file=sys.stderr,
+        )
     if args.fmt == "gguf":
         from gpt2jax.convert.gguf_export import export_gguf
 
@@ -137,6 +164,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
             tokenizer_dir=args.model,
             overwrite=args.force,
             show_progress=True,
+            inputs=inputs,
         )
     else:
         import jax
@@ -155,6 +183,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
             overwrite=args.force,
             show_progress=True,
             on_rounding=rounding.append if args.dtype != "float32" else None,
+            inputs=inputs,
         )
         if rounding:
             # Says what fewer bits cost this model (a LoRA delta can be below bfloat16's
@@ -257,8 +286,12 @@ def _add_download(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_download(args: argparse.Namespace) -> int:
+    from gpt2jax.cli.train import quiet_background_errors
     from gpt2jax.store.download import download
     from gpt2jax.store.sizes import convert_downloaded
+
+    if args.convert and not (args.debug or os.environ.get("GPT2JAX_DEBUG") == "1"):
+        quiet_background_errors()  # see _cmd_convert
 
     for directory in download(args.sizes, dest=args.dir, base_url=args.base_url):
         print(directory)
@@ -322,6 +355,7 @@ def script_main(script: str, argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``gpt2jax`` console script."""
+    program = argv is None  # the command itself, not a call from Python code
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     debug = args.debug or os.environ.get("GPT2JAX_DEBUG") == "1"
@@ -332,9 +366,21 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"gpt2jax {args.command}: error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM where a command cleans up first
         print(f"gpt2jax {args.command}: interrupted", file=sys.stderr)
-        return 130
+        code = 143 if isinstance(e, Terminated) else 130
+        if program:
+            _exit_now(code)
+        return code
+
+
+def _exit_now(code: int) -> None:
+    """Ends the process at once: an interrupted command has cleaned up what it wrote, and
+    interpreter shutdown would wait seconds to minutes for the work it abandoned (orbax's and
+    TensorStore's threads finishing a save)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

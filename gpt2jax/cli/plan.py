@@ -85,7 +85,9 @@ def add_plan(sub: argparse._SubParsersAction) -> None:
         help="memory for the whole run, e.g. 16GB (10^9 bytes), 15GiB (2^30), or auto (the "
         "device's limit; on the CPU the machine's memory)",
     )  # fmt: skip
-    p.add_argument("--seq-len", type=int, default=1024, help="tokens per window (default 1024)")
+    p.add_argument(
+        "--seq-len", type=int, help="tokens per window (default: the model's context, <= 1024)"
+    )
     p.add_argument(
         "--batch-size", type=int, help="windows per update (default: 8, halved while nothing fits)"
     )
@@ -106,20 +108,28 @@ def settings_from_args(args: argparse.Namespace):
 
 def _cmd_plan(args: argparse.Namespace) -> int:
     from gpt2jax.train.memory.planner import chosen_line, format_row, header, resolve_memory, search
+    from gpt2jax.validate import check_number
 
+    for flag, value in (("--batch-size", args.batch_size), ("--grad-accum", args.grad_accum)):
+        if value is not None:  # given: checked, never replaced by the default
+            check_number(flag, value, low=1, integer=True)
     budget, read_as = resolve_memory(args.memory)
     config = model_config(args.model)
+    seq_len = args.seq_len if args.seq_len is not None else min(1024, config.n_ctx)
+    check_number("--seq-len", seq_len, low=1, high=config.n_ctx, integer=True,
+                 hint=f"the model's context is {config.n_ctx} tokens")  # fmt: skip
     base, fixed = settings_from_args(args)
     base.validate()
     if args.grad_accum is not None:
         fixed.add("grad_accum")
-    planner = make_planner(config, args.seq_len, base, fixed=fixed)
-    print(f"{args.model}: {config.num_params():,} parameters, seq-len {args.seq_len}, "
+    planner = make_planner(config, seq_len, base, fixed=fixed)
+    print(f"{args.model}: {config.num_params():,} parameters, seq-len {seq_len}, "
           f"{where(planner)}; --memory {read_as}")  # fmt: skip
     print(header(budget), flush=True)
+    batch = args.batch_size if args.batch_size is not None else 8
     chosen, rows = search(
-        planner, base, budget, args.batch_size or 8, batch_given=args.batch_size is not None,
-        fixed=fixed, grad_accum=args.grad_accum or 1,
+        planner, base, budget, batch, batch_given=args.batch_size is not None,
+        fixed=fixed, grad_accum=args.grad_accum if args.grad_accum is not None else 1,
         show=lambda row: print(format_row(row), flush=True),
     )  # fmt: skip
     if chosen is None:

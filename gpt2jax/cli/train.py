@@ -15,6 +15,7 @@ import os
 import sys
 from typing import Any
 
+from gpt2jax.cli.generate import add_allow_changed_base
 from gpt2jax.cli.plan import add_memory_flags
 from gpt2jax.errors import ConfigError
 
@@ -52,7 +53,7 @@ _TRAIN_FLAGS: tuple[tuple[str, str, type, str], ...] = (
     ("--eval-every", "eval_every", int, "validate every N updates (0: only at the end)"),
     ("--eval-batches", "eval_batches", int, "validation batches per evaluation (at most)"),
     ("--sample-every", "sample_every", int, "print and save a sample every N updates (0: off)"),
-    ("--sample-length", "sample_length", int, "tokens per sample"),
+    ("--sample-length", "sample_length", int, "tokens per sample (at most the model's context)"),
     ("--sample-prompt", "sample_prompt", str, "text samples start from (default: none)"),
     ("--save-every", "save_every", int, "checkpoint every N updates (and always at the end)"),
     ("--keep", "keep", int, "checkpoints to keep"),
@@ -132,6 +133,7 @@ def add_finetune(sub: argparse._SubParsersAction) -> None:
         "run's run.json works too); flags given on the command line win",
     )
     p.set_defaults(func=_cmd_finetune, settings_flags=_settings_flags(p))
+    add_allow_changed_base(p)  # not a setting: a settings file cannot give it
 
 
 def _report_list(text: str) -> list[str]:
@@ -251,16 +253,19 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     if args.resume:
         if args.model or args.data or args.out or args.val_data:
             raise ConfigError("--resume RUN takes its model, data and output from RUN/run.json")
-        result = finetune(args.resume, resume=True, overrides=given)
+        result = finetune(
+            args.resume, resume=True, overrides=given, allow_changed_base=args.allow_changed_base
+        )
     else:
         if not args.out:
             raise ConfigError("--out RUN is required (the run directory to create)")
-        if args.memory:  # process 0 plans, for every process
+        if args.memory:  # the flags given are checked first; process 0 plans, for every one
+            TrainConfig(model=args.model, data=args.data or [], **given).validate()
             given.update(cluster.primary_first("plan", lambda: _planned(args, given)))
         train = TrainConfig(
             model=args.model, data=args.data or [], val_data=args.val_data or [], **given
         )
-        result = finetune(args.out, train)
+        result = finetune(args.out, train, allow_changed_base=args.allow_changed_base)
     if result.interrupted:
         return 128 + result.interrupted
     if jax.process_index() != 0:  # one process of several: process 0 reports
@@ -336,6 +341,7 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--column", help="CSV column holding the text")
     p.add_argument("--field", help="JSONL field or parquet/dataset column holding the text")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    add_allow_changed_base(p)
     p.set_defaults(func=_cmd_eval)
 
 
@@ -346,7 +352,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     cache_compiled_code()
     result = evaluate(
         args.model, args.data, seq_len=args.seq_len, batch_size=args.batch_size,
-        column=args.column, field=args.field,
+        column=args.column, field=args.field, allow_changed_base=args.allow_changed_base,
     )  # fmt: skip
     if args.json:
         print(json.dumps(result, indent=2))

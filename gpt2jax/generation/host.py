@@ -20,12 +20,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gpt2jax.config import GPT2Config
 from gpt2jax.errors import Gpt2JaxError
 from gpt2jax.generation import decoding
 from gpt2jax.generation.sampling import Sampler
 from gpt2jax.loader import Pretrained
 from gpt2jax.progress import progress_bar
+from gpt2jax.validate import check_number
 
+#: New tokens per sample unless told (at most the model's context).
+DEFAULT_NEW_TOKENS = 256
 #: Tokens per compiled call when streaming or checking stop strings.
 STREAM_CHUNK = 8
 MIN_PROMPT_BUCKET = 16
@@ -79,7 +83,7 @@ def generate(
     model: Pretrained,
     prompts: Prompts = None,
     *,
-    max_new_tokens: int = 256,
+    max_new_tokens: int | None = None,
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
@@ -125,8 +129,9 @@ def generate(
             used in the dtype they were loaded in.
         prompts: a string, a list of strings, a list of token-id lists, or ``None`` for
             unconditional samples (starting from ``<|endoftext|>``, as is an empty prompt).
-        max_new_tokens: tokens to generate per sample at most; a sample also ends at the end
-            of the model's context.
+        max_new_tokens: tokens to generate per sample at most (default: 256, or the model's
+            context if smaller; more than the context is refused); a sample also ends at the
+            end of the model's context.
         temperature, top_k, top_p, greedy: how each token is chosen (``top_k=0`` and
             ``top_p=1`` are off; ``temperature=0`` or ``greedy`` take the argmax).
         seed: samples ``(prompt i, sample j)`` with the same seed get the same randomness.
@@ -148,14 +153,12 @@ def generate(
     Returns:
         One :class:`Generation` per sample: prompt 0's samples, then prompt 1's, and so on.
     """
-    if max_new_tokens < 1:
-        raise Gpt2JaxError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if num_samples < 1 or batch_size < 1:
-        raise Gpt2JaxError(f"num_samples and batch_size must be >= 1 ({num_samples}, {batch_size})")
-    try:
-        sampler = Sampler.make(temperature, top_k, top_p, greedy)
-    except ValueError as e:
-        raise Gpt2JaxError(str(e)) from None
+    if max_new_tokens is None:
+        max_new_tokens = min(DEFAULT_NEW_TOKENS, model.config.n_ctx)
+    sampler = check_settings(
+        model.config, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+        top_p=top_p, greedy=greedy, num_samples=num_samples, batch_size=batch_size,
+    )  # fmt: skip
     stop = [s for s in (stop or []) if s]
     dtype = jnp.dtype(compute_dtype or model.compute_dtype)
     parsed = _parse_prompts(prompts, model, max_new_tokens, truncate_prompt)
@@ -195,6 +198,36 @@ def generate(
     return results
 
 
+def check_settings(
+    config: GPT2Config,
+    *,
+    max_new_tokens: int | None,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    greedy: bool,
+    num_samples: int,
+    batch_size: int,
+) -> Sampler:
+    """The sampler of these settings, each checked (finite, in range) with a message naming its
+    argument and flag; ``max_new_tokens`` may not exceed the model's context (a sample also ends
+    when the context is full)."""
+
+    def name(arg: str) -> str:
+        return f"{arg} (--{arg.replace('_', '-')})"
+
+    if max_new_tokens is None:
+        max_new_tokens = min(DEFAULT_NEW_TOKENS, config.n_ctx)
+    check_number(name("max_new_tokens"), max_new_tokens, low=1, high=config.n_ctx, integer=True,
+                 hint=f"the model's context is {config.n_ctx} tokens")  # fmt: skip
+    check_number(name("temperature"), temperature, low=0, hint="0 means greedy")
+    check_number(name("top_k"), top_k, low=0, integer=True, hint="0: off")
+    check_number(name("top_p"), top_p, low=0, high=1, low_open=True, hint="1: off")
+    check_number(name("num_samples"), num_samples, low=1, integer=True)
+    check_number(name("batch_size"), batch_size, low=1, integer=True)
+    return Sampler.make(temperature, top_k, top_p, greedy)
+
+
 def _slow_single_row(params: dict) -> bool:
     """XLA's CPU backend runs 16-bit matmuls fast (YNNPACK) only with at least 2 rows; with
     one it converts every weight to float32 for every token, 2x slower than a 2-row batch."""
@@ -218,6 +251,12 @@ def _parse_prompts(
     for n, item in enumerate(items):
         if isinstance(item, str):
             ids = tokenizer.encode(item)
+            beyond = [t for t in ids if t >= config.n_vocab]
+            if beyond:  # a model made for a smaller vocabulary than GPT-2's tokenizer
+                raise Gpt2JaxError(
+                    f"prompt {n}: its text has token id {beyond[0]}, outside the model's "
+                    f"vocabulary of {config.n_vocab} (n_vocab)"
+                )
         else:
             try:
                 ids = [int(t) for t in np.asarray(item, dtype=np.int64).reshape(-1)]

@@ -13,10 +13,11 @@ import math
 import os
 from typing import Any
 
-from gpt2jax.errors import ConfigError, DataError
+from gpt2jax.errors import DataError
 from gpt2jax.train.batches import eval_windows
 from gpt2jax.train.data import check_vocab, load_tokens
 from gpt2jax.train.step import AXIS, DataParallel, make_eval_step
+from gpt2jax.validate import check_number
 
 
 def evaluate(
@@ -29,22 +30,26 @@ def evaluate(
     field: str | None = None,
     cache_dir: str | os.PathLike | None = None,
     show_progress: bool = True,
+    allow_changed_base: bool = False,
 ) -> dict[str, Any]:
     """``{"loss", "perplexity", "tokens"}`` of the model at ``model_path`` on ``data``.
 
     ``seq_len`` defaults to the model's context (at most 1024); ``batch_size`` windows are
     evaluated at a time, over all local devices (rounded up to a multiple of their number).
+    ``allow_changed_base``: see :func:`gpt2jax.loader.load`.
     """
     from gpt2jax.loader import load
     from gpt2jax.store.sizes import resolve_model
 
-    model = load(resolve_model(model_path))  # a size name ("124M") means the download cache
+    check_number("--batch-size", batch_size, low=1, integer=True)
+    if seq_len is not None:  # given: checked, never replaced (0 is not "the default")
+        check_number("--seq-len", seq_len, low=1, integer=True)
+    # a size name ("124M") means the download cache
+    model = load(resolve_model(model_path), allow_changed_base=allow_changed_base)
     config = model.config
-    seq_len = seq_len or min(1024, config.n_ctx)
-    if not 1 <= seq_len <= config.n_ctx:
-        raise ConfigError(f"--seq-len must be in [1, {config.n_ctx}] for this model, got {seq_len}")
-    if batch_size <= 0:
-        raise ConfigError(f"--batch-size must be > 0, got {batch_size}")
+    seq_len = seq_len if seq_len is not None else min(1024, config.n_ctx)
+    check_number("--seq-len", seq_len, low=1, high=config.n_ctx, integer=True,
+                 hint=f"the model's context is {config.n_ctx} tokens")  # fmt: skip
     tokens = load_tokens(
         data, model.tokenizer, column=column, field=field, cache_dir=cache_dir,
         show_progress=show_progress,

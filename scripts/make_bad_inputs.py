@@ -218,11 +218,14 @@ def case(
     files: dict[str, bytes] | None = None,
     remove: tuple[str, ...] = (),
     dir: str | None = None,
-    generate: dict | None = None,
+    generate: list[dict] | None = None,
     exit: int | None = None,
     dst: bool = True,
+    place: bool = True,
+    **expect: Any,
 ) -> dict:
-    """One manifest entry (``files``: the case's own bytes, written by :func:`main`)."""
+    """One manifest entry (``files``: the case's own bytes, written by :func:`main`; ``expect``:
+    more of what must come out, see ``scripts/bad_input_table.py``)."""
     entry = {
         "name": name,
         "group": group,
@@ -232,8 +235,9 @@ def case(
         "remove": list(remove),
         "generate": generate,
         "args": args,
+        "place": place,  # False: the own files are only referred to ({own}/NAME)
         "destination": "{dst}" if dst else None,
-        "expect": {"exit": exit, "phrase": phrase or EXPECT[name], "file": file},
+        "expect": {"exit": exit, "phrase": phrase or EXPECT[name], "file": file, **expect},
     }
     entry["_files"] = files or {}
     return entry
@@ -471,7 +475,7 @@ def cases(tmp: Path) -> list[dict]:
         "huge.jsonl",
         None,
         evaluate,
-        generate={"file": "huge.jsonl", "kind": "jsonl_unterminated", "bytes": 3 << 20},
+        generate=[{"path": "{case}/huge.jsonl", "kind": "jsonl_unterminated", "bytes": 3 << 20}],
     )
     data(
         "data_huge_header_csv",
@@ -479,7 +483,7 @@ def cases(tmp: Path) -> list[dict]:
         "huge.csv",
         None,
         evaluate,
-        generate={"file": "huge.csv", "kind": "csv_columns", "bytes": 2 << 20},
+        generate=[{"path": "{case}/huge.csv", "kind": "csv_columns", "bytes": 2 << 20}],
     )
     generate = ["generate", "{tiny}", "--out", "{dst}", "--prompt-file"]
     data("prompt_not_utf8", "a latin-1 prompt file", "prompts.txt", "Caf\xe9\n".encode("latin-1"),
@@ -491,9 +495,285 @@ def cases(tmp: Path) -> list[dict]:
         "prompts.txt",
         None,
         generate,
-        generate={"file": "prompts.txt", "kind": "words", "bytes": 1 << 20},
+        generate=[{"path": "{case}/prompts.txt", "kind": "words", "bytes": 1 << 20}],
     )
+    out += second_pass_cases(tmp)
     return out
+
+
+def second_pass_cases(tmp: Path) -> list[dict]:
+    """Issue 15's kinds: outputs that would destroy inputs, two writers of a run, damaged and
+    live runs, GPT-2 variants and vocabularies converted silently, unbounded reads, untidy
+    errors, flags that let NaN in."""
+    tf, hf, g2j, run = "openai_mini", "hf_mini", "gpt2jax_mini", "run_tiny"
+    out: list[dict] = []
+    add = out.append
+    hi = ["--prompt", "Hi", "--max-new-tokens", "2"]
+
+    def gen(kind: str, path: str, **kw: Any) -> dict:
+        return {"kind": kind, "path": path, **kw}
+
+    # -- outputs never destroy inputs (with or without --force) -------------------------------
+    O = "output onto input"
+    add(case("convert_onto_itself", O, "convert SRC SRC --force", ["convert", "{case}", "{case}",
+             "--force"], "is the input", "{case}", base=tf, dst=False))  # fmt: skip
+    add(case("convert_into_its_parent", O, "convert SRC PARENT --force (holds SRC and more)",
+             ["convert", "{case}", "{home}", "--force"], "contains the input", "{home}", base=tf,
+             dst=False))  # fmt: skip
+    add(case("convert_inside_source", O, "convert SRC SRC/sub", ["convert", "{case}",
+             "{case}/sub"], "is inside the input", "{case}/sub", base=tf, dst=False))  # fmt: skip
+    add(case("export_onto_itself", O, "export MODEL MODEL --force", ["export", "{case}", "{case}",
+             "--force"], "is the input", "{case}", base=g2j, dst=False))  # fmt: skip
+    add(case("export_into_its_parent", O, "export MODEL PARENT --force",
+             ["export", "{case}", "{home}", "--force"], "contains the input", "{home}", base=g2j,
+             dst=False))  # fmt: skip
+    add(case("export_openai_inside_model", O, "export MODEL MODEL/tf --format openai",
+             ["export", "{case}", "{case}/tf", "--format", "openai"], "is inside the input",
+             "{case}/tf", base=g2j, dst=False))  # fmt: skip
+    add(case("export_force_non_model_dir", O, "--force onto a folder of other files",
+             ["export", "{case}", "{home}/notes", "--force"],
+             "--force replaces only a model directory", "{home}/notes", base=g2j, dst=False,
+             generate=[gen("text", "{home}/notes/todo.txt", text="not a model\n")]))  # fmt: skip
+    add(case("export_lora_base_inside_out", O, "export a LoRA run into its base's parent",
+             ["export", "{case}", "{home}", "--force"], "contains the input", "{home}",
+             dst=False, generate=[
+                 gen("copy", "{home}/base", **{"from": "{bases}/openai_mini"}),
+                 gen("run", "{case}", model="{home}/base", lora_rank=2)]))  # fmt: skip
+    add(case("generate_out_is_prompt_file", O, "--out is the --prompt-file (with --force)",
+             ["generate", "{tiny}", "--prompt-file", "{case}/p.txt", "--out", "{case}/p.txt",
+              "--force", "--max-new-tokens", "2"], "is the input", "{case}/p.txt",
+             files={"p.txt": b"Hello\n"}, dst=False))  # fmt: skip
+    add(case("generate_out_exists", O, "--out names an existing file", ["generate", "{tiny}",
+             *hi, "--out", "{case}/old.jsonl"], "already exists (use --force",
+             "{case}/old.jsonl", files={"old.jsonl": b'{"text": "kept"}\n'},
+             dst=False))  # fmt: skip
+    add(case("generate_out_no_directory", O, "--out in a directory that does not exist",
+             ["generate", "{tiny}", *hi, "--out", "{home}/missing/s.jsonl"], "cannot be written",
+             "{home}/missing/s.jsonl", dst=False))  # fmt: skip
+    add(case("generate_out_is_directory", O, "--out is a directory", ["generate", "{tiny}", *hi,
+             "--out", "{case}", "--force"], "is a directory, not a regular file", "{case}",
+             dst=False))  # fmt: skip
+    add(case("generate_out_inside_model", O, "--out inside the model directory",
+             ["generate", "{case}", *hi, "--out", "{case}/samples.jsonl"],
+             "is inside the input", "{case}/samples.jsonl", base=g2j, dst=False))  # fmt: skip
+    add(case("finetune_out_inside_data_dir", O, "run directory inside the --data folder",
+             ["finetune", "{tiny}", "--data", "{case}", "--out", "{case}/run", "--seq-len", "8"],
+             "is inside the input", "{case}/run", dst=False,
+             generate=[gen("copy", "{case}/a.txt", **{"from": "{english}"})]))  # fmt: skip
+    add(case("finetune_out_inside_model", O, "run directory inside the starting model",
+             ["finetune", "{case}", "--data", "{english}", "--out", "{case}/run"],
+             "is inside the input", "{case}/run", base=tf, dst=False))  # fmt: skip
+
+    # -- one writer per run; damaged and live runs --------------------------------------------
+    R = "run directory"
+    live = gen("lock", "{home}/.m.lock", pid="live", host="this")
+    add(case("run_in_use_resume", R, "--resume while another process holds the run",
+             ["finetune", "--resume", "{case}"], "in use by another gpt2jax process (pid 1 on",
+             "{case}", base=run, dst=False, generate=[live]))  # fmt: skip
+    add(case("run_in_use_new", R, "a new run on a directory another process is creating",
+             ["finetune", "{tiny}", "--data", "{english}", "--out", "{case}"],
+             "in use by another gpt2jax process (pid 1 on", "{case}", base=run, dst=False,
+             generate=[live]))  # fmt: skip
+    add(case("run_locked_on_another_host", R, "a lock held on another machine",
+             ["finetune", "--resume", "{case}"], "if that process is gone, delete", "{case}",
+             base=run, dst=False, generate=[gen("lock", "{home}/.m.lock", pid=4242,
+                                                host="another-host")]))  # fmt: skip
+    damage = gen("truncate", "{case}/checkpoints/6/params/ocdbt.process_0/d/*")
+    add(case("run_newest_damaged_generate", R, "newest checkpoint's data cut in half",
+             ["generate", "{case}", *hi], "unreadable (OUT_OF_RANGE", "{case}/checkpoints/6/params",
+             base=run, dst=False, generate=[damage]))  # fmt: skip
+    add(case("run_newest_damaged_export", R, "the same, through export", ["export", "{case}",
+             "{dst}"], "older checkpoints: 4, 2", "{case}/checkpoints/6/params", base=run,
+             generate=[damage]))  # fmt: skip
+    add(case("run_newest_damaged_resume", R, "the same, --resume (and a stale lock)",
+             ["finetune", "--resume", "{case}"], "resuming from checkpoint 4", "", base=run,
+             dst=False, exit=0, changes=True, generate=[damage, gen("lock", "{home}/.m.lock",
+             pid="dead", host="this")], absent=["{home}/.m.lock"],
+             present=["{case}/checkpoints/.damaged/6/params",
+                      "{case}/checkpoints/6/params"]))  # fmt: skip
+    add(case("run_resume_fewer_steps", R, "--resume --steps 3 of a run at step 6",
+             ["finetune", "--resume", "{case}", "--steps", "3"],
+             "the run is at step 6 already; --steps 3", "{case}", base=run,
+             dst=False))  # fmt: skip
+    add(case("lora_base_changed", R, "a LoRA run whose base now holds other weights",
+             ["generate", "{case}", *hi], "now holds other weights", "{home}/base", dst=False,
+             generate=[gen("copy", "{home}/base", **{"from": "{bases}/openai_mini"}),
+                       gen("run", "{case}", model="{home}/base", lora_rank=2),
+                       gen("copy", "{home}/base/" + DATA, **{"from": "{own}/" + DATA}),
+                       gen("copy", "{home}/base/" + INDEX, **{"from": "{own}/" + INDEX})],
+             files=bundle_bytes(openai_tensors(params=other_params()), tmp / "other"),
+             place=False))  # fmt: skip
+
+    # -- GPT-2 variants and vocabularies that would convert into another function -------------
+    V = "HF variant / vocabulary"
+
+    def variant(name: str, what: str, change: dict, field: str, args: list[str] | None = None):
+        phrase = f"{field}=" if field != "n_positions" else "disagree"
+        add(case(name, V, what, args or ["convert", "{case}", "{dst}"], phrase, "config.json",
+                 base=hf, files={"config.json": as_json(hf_config(**change))},
+                 dst="{dst}" in (args or ["{dst}"])))  # fmt: skip
+
+    variant("hf_scale_attn_weights_false", "scale_attn_weights false",
+            {"scale_attn_weights": False}, "scale_attn_weights")  # fmt: skip
+    variant("hf_scale_by_layer_index", "scale_attn_by_inverse_layer_idx true, through generate",
+            {"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx",
+            ["generate", "{case}", *hi])  # fmt: skip
+    variant("hf_reorder_and_upcast", "reorder_and_upcast_attn true, through info",
+            {"reorder_and_upcast_attn": True}, "reorder_and_upcast_attn",
+            ["info", "{case}"])  # fmt: skip
+    variant("hf_activation_gelu", 'activation_function "gelu"', {"activation_function": "gelu"},
+            "activation_function")  # fmt: skip
+    variant("hf_n_inner", "n_inner 10 (GPT-2's MLP is 4 * n_embd = 24)", {"n_inner": 10},
+            "n_inner")  # fmt: skip
+    variant("hf_cross_attention", "add_cross_attention true", {"add_cross_attention": True},
+            "add_cross_attention")  # fmt: skip
+    variant("hf_positions_disagree", "n_positions 11, n_ctx 7", {"n_ctx": 7}, "n_positions")
+    real_tokenizer = [gen("copy", "{case}/vocab.json", **{"from": "{tiny}/encoder.json"}),
+                      gen("copy", "{case}/merges.txt", **{"from": "{tiny}/vocab.bpe"})]  # fmt: skip
+    add(case("hf_vocab_smaller_than_tokenizer", V, "vocab_size 97 with GPT-2's 50257-token files",
+             ["convert", "{case}", "{dst}"], "vocab_size 97 does not match the tokenizer's 50257",
+             "config.json", base=hf, generate=real_tokenizer))  # fmt: skip
+    add(case("hf_vocab_mismatch_generate", V, "the same, through generate", ["generate",
+             "{case}", *hi], "vocab_size 97 does not match the tokenizer's 50257", "config.json",
+             base=hf, dst=False, generate=real_tokenizer))  # fmt: skip
+    add(case("openai_vocab_mismatch", V, "n_vocab 97 with GPT-2's encoder.json and vocab.bpe",
+             ["convert", "{case}", "{dst}"], "n_vocab 97 does not match the tokenizer's 50257",
+             "hparams.json", base=tf, generate=[
+                 gen("copy", "{case}/encoder.json", **{"from": "{tiny}/encoder.json"}),
+                 gen("copy", "{case}/vocab.bpe", **{"from": "{tiny}/vocab.bpe"})]))  # fmt: skip
+
+    # -- unbounded work from a tiny file ------------------------------------------------------
+    B = "bounded reads"
+    zero = "/dev/zero"
+    add(case("hparams_million_layers", B, "n_layer 10**6 (refused before any allocation)",
+             ["info", "{case}"], "n_layer=1000000 is absurdly large", "hparams.json", base=tf,
+             files={"hparams.json": as_json(dict(MINI, n_layer=10**6))}, dst=False))  # fmt: skip
+    add(case("hparams_too_many_parameters", B, "each field allowed, 13 TB of parameters",
+             ["convert", "{case}", "{dst}"], "GB of parameters: absurdly large", "hparams.json",
+             base=tf, files={"hparams.json": as_json(
+                 dict(MINI, n_embd=8192, n_head=64, n_layer=4096))}))  # fmt: skip
+    add(case("hparams_dev_zero", B, "hparams.json is a link to /dev/zero", ["info", "{case}"],
+             "is a character device, not a regular file", "hparams.json", base=tf, dst=False,
+             remove=("hparams.json",), generate=[gen("symlink", "{case}/hparams.json",
+                                                     target=zero)]))  # fmt: skip
+    add(case("hparams_fifo", B, "hparams.json is a FIFO", ["convert", "{case}", "{dst}"],
+             "is a FIFO (named pipe), not a regular file", "hparams.json", base=tf,
+             remove=("hparams.json",), generate=[gen("fifo", "{case}/hparams.json")]))  # fmt: skip
+    add(case("hparams_huge_file", B, "hparams.json of 17 MB (valid JSON, then spaces)",
+             ["info", "{case}"], "too large for this kind of file", "hparams.json", base=tf,
+             dst=False, remove=("hparams.json",), generate=[gen(
+                 "json_padded", "{case}/hparams.json", bytes=17 << 20)]))  # fmt: skip
+    add(case("encoder_json_dev_zero", B, "encoder.json is a link to /dev/zero",
+             ["convert", "{case}", "{dst}"], "is a character device, not a regular file",
+             "encoder.json", base=tf, generate=[
+                 gen("symlink", "{case}/encoder.json", target=zero),
+                 gen("copy", "{case}/vocab.bpe", **{"from": "{tiny}/vocab.bpe"})]))  # fmt: skip
+    add(case("config_json_fifo", B, "a gpt2jax config.json that is a FIFO",
+             ["export", "{case}", "{dst}"], "is a FIFO (named pipe), not a regular file",
+             "config.json", base=g2j, remove=("config.json",),
+             generate=[gen("fifo", "{case}/config.json")]))  # fmt: skip
+    add(case("safetensors_fifo", B, "model.safetensors is a FIFO", ["convert", "{case}",
+             "{dst}"], "is a FIFO (named pipe), not a regular file", "model.safetensors",
+             base=hf, remove=(ST,), generate=[gen("fifo", "{case}/" + ST)]))  # fmt: skip
+    add(case("tf_data_fifo", B, "the data shard is a FIFO", ["convert", "{case}", "{dst}"],
+             "is a FIFO (named pipe), not a regular file", DATA, base=tf, remove=(DATA,),
+             generate=[gen("fifo", "{case}/" + DATA)]))  # fmt: skip
+    add(case("model_is_dev_zero", B, "the model path is /dev/zero", ["info", zero],
+             "is a character device, expected a model directory", zero, dst=False))  # fmt: skip
+    prompt = ["generate", "{tiny}", "--max-new-tokens", "2", "--prompt-file"]
+    add(case("prompt_file_dev_zero", B, "--prompt-file /dev/zero", [*prompt, zero],
+             "is a character device, not a regular file", zero, dst=False))  # fmt: skip
+    add(case("prompt_file_fifo", B, "--prompt-file is a FIFO", [*prompt, "{case}/p.txt"],
+             "is a FIFO (named pipe), not a regular file", "{case}/p.txt", dst=False,
+             generate=[gen("fifo", "{case}/p.txt")]))  # fmt: skip
+    evaluate = ["eval", "{tiny}", "--seq-len", "8", "--data"]
+    add(case("data_dev_zero", B, "--data /dev/zero", [*evaluate, zero],
+             "is a character device, not a regular file", zero, dst=False))  # fmt: skip
+    add(case("data_fifo", B, "--data is a FIFO", [*evaluate, "{case}/corpus.txt"],
+             "is a FIFO (named pipe), not a regular file", "{case}/corpus.txt", dst=False,
+             generate=[gen("fifo", "{case}/corpus.txt")]))  # fmt: skip
+    add(case("data_dir_with_fifo", B, "a --data folder holding a FIFO named .txt",
+             [*evaluate, "{case}"], "is a FIFO (named pipe), not a regular file",
+             "{case}/b.txt", dst=False, generate=[
+                 gen("copy", "{case}/a.txt", **{"from": "{english}"}),
+                 gen("fifo", "{case}/b.txt")]))  # fmt: skip
+    add(case("data_glob_symlink_cycle", B, "--data 'DIR/**/*.txt' through a symlink cycle",
+             [*evaluate, "{case}/**/*.txt"], "(+1 more files)", "", exit=0, stream="stdout",
+             dst=False, generate=[gen("copy", "{case}/a.txt", **{"from": "{english}"}),
+                                  gen("copy", "{case}/sub/b.txt", **{"from": "{english}"}),
+                                  gen("symlink", "{case}/sub/loop", target="..")]))  # fmt: skip
+
+    # -- one line, not tracebacks --------------------------------------------------------------
+    E = "clean errors"
+    add(case("convert_non_utf8_destination", E, "a destination name that is not UTF-8",
+             ["convert", "{case}", "{home}/out-\udcff"], "the path is not valid UTF-8",
+             "{home}/out-", base=tf, dst=False))  # fmt: skip
+    add(case("finetune_non_utf8_out", E, "--out not UTF-8: refused before training",
+             ["finetune", "{tiny}", "--data", "{english}", "--out", "{home}/run-\udcff"],
+             "the path is not valid UTF-8", "{home}/run-", dst=False))  # fmt: skip
+
+    # -- every numeric flag: finite and in range ----------------------------------------------
+    N = "flag values"
+    tune = ["finetune", "{tiny}", "--data", "{english}", "--out", "{dst}", "--seq-len", "8"]
+    flags = [
+        ("generate_temperature_nan", ["generate", "{tiny}", *hi, "--temperature", "nan"],
+         "temperature (--temperature) must be a finite number, got nan"),
+        ("generate_top_p_inf", ["generate", "{tiny}", *hi, "--top-p", "inf"],
+         "top_p (--top-p) must be a finite number, got inf"),
+        ("generate_max_new_tokens_huge", ["generate", "{tiny}", "--prompt", "Hi",
+         "--max-new-tokens", "100000000"], "must be in [1, 29], got 100000000 (the model's "
+         "context is 29 tokens)"),
+        ("finetune_weight_decay_nan", [*tune, "--weight-decay", "nan"],
+         "--weight-decay must be a finite number, got nan"),
+        ("finetune_lora_alpha_nan", [*tune, "--lora-rank", "2", "--lora-alpha", "nan"],
+         "--lora-alpha must be a finite number, got nan"),
+        ("finetune_lr_inf", [*tune, "--lr", "inf"], "--lr must be a finite number, got inf"),
+        ("finetune_clip_negative", [*tune, "--clip", "-1"],
+         "--clip must be >= 0, got -1.0 (0 turns clipping off)"),
+        ("finetune_dropout_nan", [*tune, "--dropout", "nan"],
+         "--dropout must be a finite number, got nan"),
+        ("finetune_seq_len_zero", [*tune, "--seq-len", "0"], "--seq-len must be >= 1, got 0"),
+        ("eval_seq_len_zero", ["eval", "{tiny}", "--data", "{english}", "--seq-len", "0"],
+         "--seq-len must be >= 1, got 0"),
+        ("eval_batch_size_zero", ["eval", "{tiny}", "--data", "{english}", "--batch-size", "0"],
+         "--batch-size must be >= 1, got 0"),
+        ("plan_batch_size_zero", ["plan", "{tiny}", "--memory", "1GB", "--batch-size", "0"],
+         "--batch-size must be >= 1, got 0"),
+        ("plan_lora_alpha_nan", ["plan", "{tiny}", "--memory", "1GB", "--lora-rank", "2",
+         "--lora-alpha", "nan"], "--lora-alpha must be a finite number, got nan"),
+        ("plan_seq_len_beyond_context", ["plan", "{tiny}", "--memory", "1GB", "--seq-len",
+         "1024"], "--seq-len must be in [1, 29], got 1024"),
+    ]  # fmt: skip
+    for name, args, phrase in flags:
+        add(case(name, N, " ".join(args[-2:]), args, phrase, "",
+                 dst="{dst}" in args))  # fmt: skip
+    add(case("plan_short_context", N, "plan a 29-token model, no --seq-len (was 1024)",
+             ["plan", "{tiny}", "--memory", "64GiB", "--remat", "none", "--optimizer", "adamw",
+              "--opt-state-dtype", "float32", "--loss-chunk", "0", "--grad-accum", "1",
+              "--batch-size", "2"], "seq-len 29", "", exit=0, stream="stdout",
+             dst=False))  # fmt: skip
+    add(case("prompt_file_bom", N, "a prompt file starting with a UTF-8 BOM",
+             ["generate", "{tiny}", "--prompt-file", "{case}/p.txt", "--max-new-tokens", "1",
+              "--greedy", "--include-prompt"], "Hello there", "", exit=0, stream="stdout",
+             lacks=["\ufeff"], files={"p.txt": "\ufeffHello there\n".encode()},
+             dst=False))  # fmt: skip
+
+    # -- a killed writer's leftovers are cleaned up -------------------------------------------
+    H = "hygiene"
+    add(case("convert_removes_stale_temporary", H, "a .out.tmp-PID@HOST dir left by a kill",
+             ["convert", "{case}", "{home}/out"], "converted", "", base=tf, exit=0,
+             stream="stdout", changes=True, dst=False,
+             generate=[gen("stale_temp", "{home}/.out.tmp-", pid="dead")],
+             absent=["{home}/.out.tmp-*"], present=["{home}/out/params"]))  # fmt: skip
+    return out
+
+
+def other_params() -> dict:
+    """The mini model with other random weights (a base model replaced under a LoRA run)."""
+    from gpt2jax.convert import mapping
+
+    flat = mapping.flatten(mini_params())
+    return mapping.unflatten({k: (v + 0.5).astype(np.float32) for k, v in flat.items()})
 
 
 def main(argv: list[str] | None = None) -> int:

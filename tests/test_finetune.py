@@ -236,6 +236,7 @@ def test_bad_input_is_one_clear_line(texts, tmp_path, capsys):
     base = ["finetune", TINY_MODEL, "--out", str(tmp_path / "r"), "--seq-len", "24"]
     empty = tmp_path / "empty.txt"
     empty.write_text("")
+    (tmp_path / "no-model").mkdir()
     short = tmp_path / "short.txt"
     short.write_text("Too short to fill a window.")
     data = ["--data", str(short)]
@@ -253,9 +254,16 @@ def test_bad_input_is_one_clear_line(texts, tmp_path, capsys):
             base + data + ["--batch-size", "3", "--grad-accum", "2"],
             "--batch-size 3 must be a positive multiple of",
         ),
-        "schedule steps": (base + data + ["--schedule-steps", "0"], "--schedule-steps must be > 0"),
+        "schedule steps": (
+            base + data + ["--schedule-steps", "0"],
+            "--schedule-steps must be >= 1",
+        ),
         "no model": (["finetune", *data, *out], "either a starting MODEL"),
-        "bad model": (["finetune", str(tmp_path), *data, *out], "not a model directory"),
+        "bad model": (
+            ["finetune", str(empty.parent / "no-model"), *data, *out],
+            "not a model directory",
+        ),
+        "run inside the model": (["finetune", str(tmp_path), *data, *out], "is inside the input"),
         "resume non-run": (["finetune", "--resume", str(tmp_path)], "not a training run"),
         "resume with data": (["finetune", "--resume", str(tmp_path), *data], "takes its model"),
     }

@@ -355,7 +355,10 @@ def test_cli_writes_jsonl_for_many_samples_and_prompt_files(model, model_dir, tm
     jsonl = tmp_path / "prompts.jsonl"
     jsonl.write_text('{"prompt": "Hello world"}\n{"prompt": "a"}\n')
     assert cli.main(["generate", model_dir, "--prompt-file", str(jsonl), "--out", str(out),
-                     "--max-new-tokens", "3", "--greedy"]) == 0  # fmt: skip
+                     "--max-new-tokens", "3", "--greedy"]) == 1  # fmt: skip
+    assert "already exists (use --force" in capsys.readouterr().err
+    assert cli.main(["generate", model_dir, "--prompt-file", str(jsonl), "--out", str(out),
+                     "--max-new-tokens", "3", "--greedy", "--force"]) == 0  # fmt: skip
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["prompt"] for r in rows] == ["Hello world", "a"]
 

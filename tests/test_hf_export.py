@@ -477,10 +477,16 @@ def test_cli_export_info_and_load(tmp_path, capsys):
 
 
 def test_hf_script_delegates_to_the_cli(tmp_path, capsys):
-    out = _export(tmp_path)
-    dst = str(tmp_path / "ckpt")
     from gpt2jax.cli.main import script_main
 
+    # GPT-2's vocabulary, as the tokenizer files written beside it: TINY's 97 tokens would not
+    # match them, which importing refuses
+    mismatched = _export(tmp_path, name="tiny-vocab")
+    assert script_main("hf", ["import", mismatched, str(tmp_path / "no")]) == 1
+    assert "vocab_size 97 does not match the tokenizer's 50257" in capsys.readouterr().err
+    out = _export(tmp_path, config=GPT2Config(n_vocab=50257, n_ctx=16, n_embd=8, n_head=2,
+                                              n_layer=1))  # fmt: skip
+    dst = str(tmp_path / "ckpt")
     assert script_main("hf", ["import", out, dst]) == 0
     assert script_main("hf", ["export", dst, str(tmp_path / "again"), "--format", "bin"]) == 0
     assert os.path.exists(tmp_path / "again" / "pytorch_model.bin")

@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import FIXTURES, ROOT
@@ -201,3 +204,127 @@ def test_full_disk_keeps_the_previous_checkpoint(killed, tmp_path):
         assert "saving the checkpoint failed (No space left on device)" in lines[-1]
         assert "checkpoint 2 is the newest complete one and is kept" in lines[-1]
         assert kt.complete_steps(run) == [2] and kt.verify_checkpoint(run, 2) is None
+
+
+# -- convert: a full disk, Ctrl-C, SIGTERM ----------------------------------------------------
+
+
+def _convert_process(src: str, dst: Path, work: Path, limit: int | None = None):
+    """``gpt2jax convert SRC DST`` in a new process (caches in ``work``), with the file-size
+    limit ``limit`` if given."""
+    args = ["convert", src, str(dst)]
+    command = with_file_size_limit(limit, args) if limit else [sys.executable, "-m", "gpt2jax",
+                                                               *args]  # fmt: skip
+    return subprocess.Popen(command, env=kt.environment(work), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+
+
+def _assert_one_line_and_nothing_left(done_err: str, parent: Path, message: str) -> None:
+    lines = [x for x in done_err.splitlines() if x.strip() and not x.startswith("converting:")]
+    assert "Traceback" not in done_err and len(lines) == 1, done_err[-3000:]
+    assert lines[0].startswith("gpt2jax convert: error: ") and message in lines[0], lines[0]
+    assert os.listdir(parent) == [], os.listdir(parent)  # no output, no temporary directory
+
+
+def test_convert_onto_a_full_disk_is_one_line_and_leaves_nothing(tmp_path):
+    """A real full disk (a 1 MB tmpfs; the parameters need 2.4 MB) where mounting is allowed,
+    else the file-size limit (EFBIG): orbax's RESOURCE_EXHAUSTED and its threads' tracebacks
+    become one line naming the destination."""
+    disk = tmp_path / "disk"
+    try:
+        with tmpfs(disk, "1M"):
+            child = _convert_process(TINY_MODEL, disk / "ckpt", tmp_path)
+            _, err = child.communicate(timeout=300)
+            assert child.returncode == 1
+            _assert_one_line_and_nothing_left(
+                err, disk, f"{disk}/ckpt: writing the parameters failed (No space left on device)"
+            )
+    except pytest.skip.Exception:
+        disk.mkdir(exist_ok=True)
+        child = _convert_process(TINY_MODEL, disk / "ckpt", tmp_path, limit=1 << 20)
+        _, err = child.communicate(timeout=300)
+        assert child.returncode == 1
+        _assert_one_line_and_nothing_left(
+            err, disk, f"{disk}/ckpt: writing the parameters failed (File too large)"
+        )
+
+
+@pytest.fixture(scope="module")
+def wide_openai(tmp_path_factory) -> str:
+    """An OpenAI directory of 57 MB (8 layers, 384 wide, 97 tokens): its save takes long
+    enough to be interrupted."""
+    from gpt2jax.config import GPT2Config
+    from gpt2jax.convert import mapping
+    from gpt2jax.formats.tf_bundle import write_bundle
+
+    path = tmp_path_factory.mktemp("wide") / "openai"
+    path.mkdir()
+    config = GPT2Config(n_vocab=97, n_ctx=16, n_embd=384, n_head=4, n_layer=8)
+    rng = np.random.default_rng(0)
+    ours = {k: (0.02 * rng.standard_normal(s)).astype(np.float32)
+            for k, s in mapping.our_shapes(config).items()}  # fmt: skip
+    write_bundle(path / "model.ckpt", dict(mapping.to_theirs(mapping.unflatten(ours), config,
+                                                                "openai")))  # fmt: skip
+    (path / "hparams.json").write_text(json.dumps(config.to_hparams()))
+    return str(path)
+
+
+@pytest.mark.parametrize(("sig", "code"), [("INT", 130), ("TERM", 143)])
+def test_convert_interrupted_mid_save_stops_at_once_and_cleans_up(wide_openai, tmp_path, sig,
+                                                                 code):  # fmt: skip
+    """Orbax waits for TensorStore in C++, where Ctrl-C went unseen until the whole save was
+    done; now the save runs on a thread, the signal ends the command within a second or two,
+    and the temporary directory is gone."""
+    out = tmp_path / "out" / "ckpt"
+    out.parent.mkdir()
+    child = _convert_process(wide_openai, out, tmp_path)
+    deadline = time.monotonic() + 240
+    while not list(out.parent.glob(".ckpt.tmp-*/params*")):  # the save has begun
+        assert child.poll() is None and time.monotonic() < deadline, child.communicate()
+        time.sleep(0.005)
+    start = time.monotonic()
+    child.send_signal(getattr(signal, f"SIG{sig}"))
+    _, err = child.communicate(timeout=120)
+    seconds = time.monotonic() - start
+    assert child.returncode == code, err[-3000:]
+    assert err.strip().splitlines()[-1] == "gpt2jax convert: interrupted"
+    assert seconds < 5, seconds
+    assert os.listdir(out.parent) == []
+
+
+# -- one writer per run ------------------------------------------------------------------------
+
+
+def test_a_second_finetune_of_the_same_run_refuses_at_once_naming_the_first(tmp_path):
+    """Two ``gpt2jax finetune`` on one run directory: the second ends with one line naming
+    the first's pid, before reading any data (no ``data:`` line), while the first goes on."""
+    run = tmp_path / "run"
+    args = ["finetune", TINY_MODEL, "--data", ENGLISH, "--out", str(run), "--seq-len", "8",
+            "--batch-size", "2", "--steps", "400", "--save-every", "100", "--eval-every", "0",
+            "--sample-every", "0"]  # fmt: skip
+    env = kt.environment(tmp_path)
+    first = subprocess.Popen([sys.executable, "-m", "gpt2jax", *args], env=env, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    try:
+        lock = tmp_path / ".run.lock"
+        deadline = time.monotonic() + 240
+        while not lock.exists():
+            assert first.poll() is None and time.monotonic() < deadline, first.communicate()
+            time.sleep(0.02)
+        for second_args in (args, ["finetune", "--resume", str(run)]):
+            if second_args[1] == "--resume":  # once the first has created the run
+                while not (run / "run.json").exists():
+                    assert first.poll() is None and time.monotonic() < deadline
+                    time.sleep(0.05)
+            second = subprocess.run([sys.executable, "-m", "gpt2jax", *second_args], env=env,
+                                    capture_output=True, text=True, timeout=300)  # fmt: skip
+            lines = second.stderr.strip().splitlines()
+            assert second.returncode == 1 and "Traceback" not in second.stderr, second.stderr
+            assert len(lines) == 1, second.stderr  # nothing tokenized, nothing compiled
+            assert lines[0].startswith(f"gpt2jax finetune: error: {run}: in use by another "
+                                       f"gpt2jax process (pid {first.pid} on ")  # fmt: skip
+            assert first.poll() is None  # the first goes on
+    finally:
+        first.send_signal(signal.SIGTERM)  # saves, then ends
+        first.communicate(timeout=300)
+    assert first.returncode == 143 and not lock.exists()

@@ -189,20 +189,28 @@ def writer_lock(path: str, resume: bool, enabled: bool = True):
         read_run(path)
     check_writable(path)
     lock = WriterLock(os.path.abspath(path), lock_path(path))
+    made = []  # the folders made for the lock: removed again if the run leaves them empty
+    folder = os.path.dirname(lock.path)
+    while not os.path.exists(folder):
+        made.append(folder)
+        folder = os.path.dirname(folder)
     try:
-        os.makedirs(os.path.dirname(lock.path), exist_ok=True)
-        lock.acquire()
-    except OSError as e:
-        raise Gpt2JaxError(
-            f"{path}: cannot take the writer lock {lock.path} ({e.strerror})"
-        ) from None
-    if lock.took_over:
-        log.info("%s: removed the stale lock of pid %s (no longer running)", path,
-                 lock.took_over.get("pid"))  # fmt: skip
-    try:
+        try:
+            os.makedirs(os.path.dirname(lock.path), exist_ok=True)
+            lock.acquire()
+        except OSError as e:
+            raise Gpt2JaxError(
+                f"{path}: cannot take the writer lock {lock.path} ({e.strerror})"
+            ) from None
+        if lock.took_over:
+            log.info("%s: removed the stale lock of pid %s (no longer running)", path,
+                     lock.took_over.get("pid"))  # fmt: skip
         yield lock
     finally:
         lock.release()
+        for folder in made:  # innermost first
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
 
 
 def read_run(path: str) -> tuple[GPT2Config, TrainConfig]:

@@ -382,7 +382,7 @@ def test_a_body_without_content_length_is_cut_off_at_the_files_size(server, tmp_
     limit = len((TINY_DIR / DATA).read_bytes()) if endless == DATA else dl.MAX_BYTES[endless]
     assert "\n" not in message and f"/124M/{endless}: the server sent more than the" in message
     assert f"{limit:,} bytes this file can have" in message
-    assert server.sent < limit + (8 << 20)  # stopped reading soon after the limit
+    assert server.sent < limit + (64 << 20)  # soon after the limit (socket buffers hold MBs)
     assert not (tmp_path / "124M" / endless).exists()
     manifest = tmp_path / "124M" / dl.MANIFEST
     assert not manifest.exists() or endless not in json.loads(manifest.read_text())["files"]

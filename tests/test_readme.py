@@ -12,9 +12,10 @@ changes, so that the README's commands can stay the ones a user types:
   ``GPT2JAX_BASE_URL`` points at a closed local port, so any request would fail at once.
 - **Data**: ``corpus.txt`` and ``heldout.txt`` are ``tests/fixtures/english.txt``.
 - **Sizes** (:data:`REWRITES`): step counts are divided by 1000 (``--steps 2000`` ->
-  ``--steps 2``, ``steps=2000`` -> ``steps=2``), ``--seq-len 1024`` becomes the tiny model's
-  context (29), and ``gpt2jax plan SIZE`` reads the cached directory of SIZE (for a size
-  name, ``plan`` uses the real preset's shape: a minute of compiling for 1558M on a CPU).
+  ``--steps 2``, ``steps=2000`` -> ``steps=2``, a TOML line ``steps = 2000`` likewise),
+  ``--seq-len 1024`` becomes the tiny model's context (29), and ``gpt2jax plan SIZE`` reads
+  the cached directory of SIZE (for a size name, ``plan`` uses the real preset's shape: a
+  minute of compiling for 1558M on a CPU).
 - **Markers**: an HTML comment right before a block, ``<!-- test: skip (why) -->``, leaves it
   out (network, or a full-size model; the list is printed); ``<!-- test: slow -->`` runs it only
   in the ``slow`` test.
@@ -50,7 +51,7 @@ def _steps(m: re.Match) -> str:
 
 #: (pattern, replacement) applied to every block before it runs; see the module docstring.
 REWRITES: tuple[tuple[str, object], ...] = (
-    (r"(--steps |steps=)(\d+)", _steps),
+    (r"(?m)(--steps |steps=|^steps = )(\d+)", _steps),
     (r"--seq-len 1024\b", "--seq-len 29"),
     (r"gpt2jax plan (\d+M)\b", r'gpt2jax plan "$GPT2JAX_CACHE/models/\1"'),
 )
@@ -183,6 +184,9 @@ def test_readme_blocks_run_in_order(tmp_path: Path) -> None:
     assert json.loads((work / "ckpt/124M/config.json").read_text())["format"] == "gpt2jax"
     assert (work / "tf/poems/model.ckpt.index").is_file()
     assert (work / "hf/api/model.safetensors").is_file()  # the Python API's export
+    assert (work / "poems.gguf").read_bytes()[:4] == b"GGUF"
+    assert list((work / "runs/toml/tensorboard").glob("events.out.tfevents.*"))
+    assert json.loads((work / "runs/again/run.json").read_text())["train"]["lr"] == 3e-4
 
 
 @pytest.mark.slow
@@ -213,6 +217,7 @@ def test_readme_parsing_and_rewrites() -> None:
         "gpt2jax finetune 124M --steps 2 --seq-len 29"
     )
     assert rewrite("TrainConfig(steps=500)") == "TrainConfig(steps=1)"
+    assert rewrite('model = "124M"\nsteps = 2000\n') == 'model = "124M"\nsteps = 2\n'  # TOML
     assert rewrite("gpt2jax plan 1558M --memory 16GB") == (
         'gpt2jax plan "$GPT2JAX_CACHE/models/1558M" --memory 16GB'
     )

@@ -137,6 +137,8 @@ def test_wandb_offline_run_holds_the_run_log(tmp_path):
             for key, value in items.items():
                 if not key.startswith("_"):
                     history.setdefault(key, {})[items["_step"]] = value
+        elif kind == "run":  # the run's start: its config (every setting)
+            config.update({i.key: json.loads(i.value_json) for i in record.run.config.update})
         elif kind == "config":
             config.update({i.key: json.loads(i.value_json) for i in record.config.update})
     want, want_texts = _expected(run)

@@ -47,7 +47,6 @@ METRICS = "metrics.jsonl"
 SAMPLES = "samples.txt"
 PLOT = "loss.png"
 
-REPORTERS = ("tensorboard", "wandb")  # --report-to (gpt2jax.train.reporting)
 TRASH = ".deleted"  # checkpoints/.deleted: old checkpoints are renamed here, then deleted
 DAMAGED = ".damaged"  # checkpoints/.damaged/<step>: checkpoints that did not restore, kept
 

@@ -37,10 +37,16 @@ SAMPLE_TAG = "samples"
 _EXTRAS = {"tensorboard": "tensorboard", "wandb": "wandb"}  # --report-to name -> module
 
 
-def check_available(names: list[str]) -> None:
-    """A one-line :class:`ConfigError` before any work when a reporter's package is missing."""
+def check_available(names: list[str] | tuple[str, ...]) -> None:
+    """A one-line :class:`ConfigError` before any work for an unknown reporter or one whose
+    package is missing."""
     import importlib.util
 
+    unknown = sorted(set(names) - set(_EXTRAS))
+    if unknown:
+        raise ConfigError(
+            f"--report-to: unknown {', '.join(unknown)} (choose from {', '.join(_EXTRAS)})"
+        )
     for name in names:
         if importlib.util.find_spec(_EXTRAS[name]) is None:
             raise ConfigError(

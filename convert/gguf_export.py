@@ -1,18 +1,4 @@
-"""GPT-2 to a GGUF file, for llama.cpp and the tools built on it (ollama, LM Studio, ...).
-
-Written with ggml's own ``gguf`` package (an optional extra: ``pip install "gpt2jax[gguf]"``),
-in the layout llama.cpp's ``convert_hf_to_gguf.py`` gives a Hugging Face GPT-2: architecture
-``gpt2``; tensor names from ``gguf``'s name table for that architecture (``token_embd``,
-``position_embd``, ``blk.N.attn_norm``, ``blk.N.attn_qkv``, ``blk.N.attn_output``,
-``blk.N.ffn_norm``, ``blk.N.ffn_up``, ``blk.N.ffn_down``, ``output_norm``; no ``output``: the
-head is tied, and llama.cpp then uses ``token_embd``); the ``Conv1D`` weights transposed to
-``(out, in)``; the byte-level BPE vocabulary and merges (``tokenizer.ggml.model = gpt2``,
-pre-tokenizer ``gpt-2``, ``<|endoftext|>`` as BOS/EOS, no BOS added).
-
-Types: ``float32``; ``float16`` (matrices in float16, vectors and ``position_embd`` in float32,
-as llama.cpp's converter keeps them); ``q8_0`` (those matrices in 8-bit blocks of 32 with a
-float16 scale each; a matrix whose rows do not split into blocks of 32 stays float16).
-"""
+"""GPT-2 to a GGUF file, for llama.cpp and the tools built on it (ollama, LM Studio, ...)."""
 
 from __future__ import annotations
 
@@ -84,7 +70,21 @@ def export_gguf(
     name: str = "gpt2",
     overwrite: bool = False,
 ) -> str:
-    """Writes ``out`` (a ``.gguf`` file) under a temporary name, renamed when complete."""
+    """Writes ``out`` (a ``.gguf`` file) under a temporary name, renamed when complete.
+
+    Written with ggml's own ``gguf`` package (an optional extra: ``pip install "gpt2jax[gguf]"``),
+    in the layout llama.cpp's ``convert_hf_to_gguf.py`` gives a Hugging Face GPT-2: architecture
+    ``gpt2``; tensor names from ``gguf``'s name table for that architecture (``token_embd``,
+    ``position_embd``, ``blk.N.attn_norm``, ``blk.N.attn_qkv``, ``blk.N.attn_output``,
+    ``blk.N.ffn_norm``, ``blk.N.ffn_up``, ``blk.N.ffn_down``, ``output_norm``; no ``output``: the
+    head is tied, and llama.cpp then uses ``token_embd``); the ``Conv1D`` weights transposed to
+    ``(out, in)``; the byte-level BPE vocabulary and merges (``tokenizer.ggml.model = gpt2``,
+    pre-tokenizer ``gpt-2``, ``<|endoftext|>`` as BOS/EOS, no BOS added).
+
+    Types: ``float32``; ``float16`` (matrices in float16, vectors and ``position_embd`` in float32,
+    as llama.cpp's converter keeps them); ``q8_0`` (those matrices in 8-bit blocks of 32 with a
+    float16 scale each; a matrix whose rows do not split into blocks of 32 stays float16).
+    """
     gguf = _gguf()
     if dtype not in GGUF_TYPES:
         raise Gpt2JaxError(f"--format gguf stores {', '.join(GGUF_TYPES)}, not {dtype}")

@@ -4,15 +4,6 @@ The model scans its blocks, so ``params["h"]`` holds every block's weights stack
 axis of size ``n_layer`` (``params["h"]["attn"]["c_attn"]["w"][5]`` is layer 5's q, k and v
 projections side by side). :func:`layers` gives one tree per block, optionally with q, k, v
 and the output projection split per head; :func:`stack_layers` puts such trees back, bitwise.
-
-Per-layer tree (``split_heads=False``, OpenAI's names)::
-
-    ln_1/{g, b} (C,)   attn/c_attn/{w (C, 3C), b (3C,)}   attn/c_proj/{w (C, C), b (C,)}
-    ln_2/{g, b} (C,)   mlp/c_fc/{w (C, 4C), b (4C,)}      mlp/c_proj/{w (4C, C), b (C,)}
-
-With ``split_heads=True``, ``attn`` holds ``q``, ``k``, ``v``: ``w (C, H, D)``, ``b (H, D)``,
-and ``o`` (``c_proj`` by head): ``w (H, D, C)``, ``b (C,)``; head ``h`` of layer ``i`` reads
-``x @ q.w[:, h] + q.b[h]`` and adds ``y_h @ o.w[h]`` to the residual stream.
 """
 
 from __future__ import annotations
@@ -32,6 +23,15 @@ def layers(params: dict, *, n_head: int | None = None) -> list[dict]:
     so are jax arrays on the CPU (their buffers are 64-byte aligned); elsewhere, and under
     ``jit``, each layer is sliced once. With ``n_head`` (``config.n_head``) the attention is
     split per head (see the module docstring). :func:`stack_layers` is the inverse.
+
+    Per-layer tree (``split_heads=False``, OpenAI's names)::
+
+        ln_1/{g, b} (C,)   attn/c_attn/{w (C, 3C), b (3C,)}   attn/c_proj/{w (C, C), b (C,)}
+        ln_2/{g, b} (C,)   mlp/c_fc/{w (C, 4C), b (4C,)}      mlp/c_proj/{w (4C, C), b (C,)}
+
+    With ``split_heads=True``, ``attn`` holds ``q``, ``k``, ``v``: ``w (C, H, D)``, ``b (H, D)``,
+    and ``o`` (``c_proj`` by head): ``w (H, D, C)``, ``b (C,)``; head ``h`` of layer ``i`` reads
+    ``x @ q.w[:, h] + q.b[h]`` and adds ``y_h @ o.w[h]`` to the residual stream.
     """
     h = params["h"] if "h" in params else params
     if "c_attn" not in h.get("attn", {}):

@@ -4,14 +4,6 @@ Both are optional extras (``pip install "gpt2jax[tensorboard]"`` / ``"gpt2jax[wa
 What is sent is what ``metrics.jsonl`` and ``samples.txt`` hold: per update ``train/loss``,
 ``train/lr``, ``train/grad_norm``, ``train/tokens_per_s``; per evaluation ``val/loss``,
 ``val/perplexity``; every sample as text (``samples``).
-
-- **tensorboard**: event files in ``RUN/tensorboard``, written with the ``tensorboard``
-  package alone (no TensorFlow or torch). A resumed run first writes TensorBoard's restart
-  marker, so the steps it redoes replace the first attempt's in the charts.
-- **wandb**: one W&B run per gpt2jax run (its id is kept in ``RUN/wandb/run_id``, so a resume
-  continues it), project ``$WANDB_PROJECT`` or ``gpt2jax``, named after the run directory,
-  with every setting as its config. ``WANDB_MODE=offline`` writes only under ``RUN/wandb``
-  (``wandb sync`` uploads it later).
 """
 
 from __future__ import annotations
@@ -59,6 +51,14 @@ class Reporters:
     """The reporters a run asked for; ``enabled=False`` (not the first process) sends nothing.
 
     ``start_step``: the step a resumed run continues from (None for a new run).
+
+    - **tensorboard**: event files in ``RUN/tensorboard``, written with the ``tensorboard``
+      package alone (no TensorFlow or torch). A resumed run first writes TensorBoard's restart
+      marker, so the steps it redoes replace the first attempt's in the charts.
+    - **wandb**: one W&B run per gpt2jax run (its id is kept in ``RUN/wandb/run_id``, so a resume
+      continues it), project ``$WANDB_PROJECT`` or ``gpt2jax``, named after the run directory,
+      with every setting as its config. ``WANDB_MODE=offline`` writes only under ``RUN/wandb``
+      (``wandb sync`` uploads it later).
     """
 
     def __init__(

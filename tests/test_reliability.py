@@ -289,15 +289,25 @@ def test_convert_interrupted_mid_save_stops_at_once_and_cleans_up(wide_openai, t
     assert child.returncode == code, err[-3000:]
     assert err.strip().splitlines()[-1] == "gpt2jax convert: interrupted"
     assert seconds < 5, seconds
-    assert os.listdir(out.parent) == []
+    # Removed on the way out; orbax's abandoned threads may still add a file in the last
+    # milliseconds, and then the next convert to the same place removes what they left
+    # (its owner's pid is no longer running).
+    left = os.listdir(out.parent)
+    assert all(name.startswith(f".ckpt.tmp-{child.pid}@") for name in left), left
+    if left:
+        assert cli.main(["convert", TINY_MODEL, str(out)]) == 0
+        assert os.listdir(out.parent) == ["ckpt"]
 
 
 # -- one writer per run ------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_second_finetune_of_the_same_run_refuses_at_once_naming_the_first(tmp_path):
     """Two ``gpt2jax finetune`` on one run directory: the second ends with one line naming
-    the first's pid, before reading any data (no ``data:`` line), while the first goes on."""
+    the first's pid, before reading any data (no ``data:`` line), while the first goes on.
+    (Slow: the first must get as far as creating the run; 130 s on the shared 2-core machine.
+    The default suite's corpus cases ``run_in_use_*`` hold the lock with a live process.)"""
     run = tmp_path / "run"
     args = ["finetune", TINY_MODEL, "--data", ENGLISH, "--out", str(run), "--seq-len", "8",
             "--batch-size", "2", "--steps", "400", "--save-every", "100", "--eval-every", "0",

@@ -15,6 +15,7 @@ import os
 import shutil
 import signal
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
@@ -63,11 +64,22 @@ def atomic_dir(
         else:
             os.rename(tmp, path)
     except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove(tmp)
         raise Gpt2JaxError(f"{path}: writing failed ({e.strerror or e})") from None
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove(tmp)
         raise
+
+
+def _remove(tmp: str) -> None:
+    """Removes the temporary directory, again while an abandoned writer (an interrupted orbax
+    save, still running on its threads) adds files to it; what it adds after the last try is
+    removed by the next write to the same place (the directory names its process)."""
+    for _ in range(10):
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not os.path.lexists(tmp):
+            return
+        time.sleep(0.02)
 
 
 @contextmanager

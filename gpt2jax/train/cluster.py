@@ -67,6 +67,23 @@ def initialize() -> None:
             f"GPT2JAX_DISTRIBUTED=1: cannot join the run at {where} ({first[:300]})"
         ) from None
     Watchdog(_client(), jax.process_index(), jax.process_count()).start()
+    _connect_cpu_collectives()
+
+
+def _connect_cpu_collectives() -> None:
+    """On CPU, one collective over every device right away, while the processes are together
+    (``initialize`` returns once all have connected). Gloo connects a group of devices at its
+    first collective, and a process that arrives there more than 30 s after another (one
+    compiles the step for longer) fails with ``Gloo context initialization failed``; once
+    connected, the group is reused by every later collective over the same devices (the
+    data-parallel ``pmean`` and FSDP's mesh both span all of them)."""
+    if jax.default_backend() != "cpu":
+        return
+    import jax.numpy as jnp
+
+    ones = jnp.ones((jax.local_device_count(),))
+    total = jax.pmap(lambda x: jax.lax.psum(x, "all"), "all")(ones)
+    jax.block_until_ready(total)
 
 
 def _env_int(name: str) -> int | None:

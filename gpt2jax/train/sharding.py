@@ -84,9 +84,14 @@ class FSDP:
 
     Checkpoints: orbax saves sharded arrays as they are (each device writes its shards) and
     restores onto whatever shardings the abstract target names, so a state saved on 8 devices
-    restores onto 1 or 4 (:meth:`abstract`; the tests do exactly that). One process only:
-    several hosts need ``jax.distributed`` and a global batch assembled per host, which the
-    pmapped data-parallel mode (:class:`gpt2jax.train.step.DataParallel`) already does.
+    restores onto 1 or 4 (:meth:`abstract`; the tests do exactly that).
+
+    Several processes (:mod:`gpt2jax.train.cluster`): the mesh spans every process's devices and
+    every array is global. Each process builds only its own rows of a batch
+    (``jax.make_array_from_process_local_data``, :meth:`process_rows`) and puts only its own
+    shards of the starting weights (:meth:`to_devices`); orbax writes each shard from the
+    process that holds it. ``tests/test_multihost.py`` runs 2 processes x 2 CPU devices against
+    1 process x 4 devices, and moves checkpoints between the two.
     """
 
     def __init__(self, devices: list[Any] | None = None) -> None:

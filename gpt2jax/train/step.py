@@ -224,6 +224,12 @@ class DataParallel:
 
     A global batch of ``B`` windows is split by process (rows ``[p B / P, (p + 1) B / P)``),
     then by device, then into ``A`` micro-batches: device ``d`` gets ``(A, B / (P D A), T+1)``.
+
+    Several processes (:mod:`gpt2jax.train.cluster`): each one's ``pmap`` runs over its own
+    devices and ``pmean`` spans all processes' devices; each process reads only its rows. The
+    state stays process-local; checkpoints see it as one global replicated array
+    (:meth:`checkpoint_view`), which orbax writes once for all processes.
+    ``tests/test_multihost.py`` runs 2 processes x 2 CPU devices against 1 process x 4.
     """
 
     def __init__(self, devices: list[Any] | None = None) -> None:

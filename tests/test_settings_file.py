@@ -160,7 +160,7 @@ def test_the_command_runs_from_a_config_and_run_json_repeats_the_run(tmp_path, c
     extra = apply_settings(args, read_settings(first / "run.json"), "run.json")
     assert args.schedule_steps is None and args.steps == 8
     assert set(extra) == {"approximate"}  # the one setting without a flag
-    assert TrainConfig.from_dict({**train.to_dict(), **extra}).approximate == []
+    assert TrainConfig.from_dict({**train.to_dict(), **extra}).plan.approximate == ()
     capsys.readouterr()
 
 

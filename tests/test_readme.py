@@ -13,8 +13,7 @@ changes, so that the README's commands can stay the ones a user types:
 - **Data**: ``corpus.txt`` and ``heldout.txt`` are ``tests/fixtures/english.txt``.
 - **Sizes** (:data:`REWRITES`): step counts are divided by 1000 (``--steps 2000`` ->
   ``--steps 2``, ``steps=2000`` -> ``steps=2``, a TOML line ``steps = 2000`` likewise),
-  ``--seq-len 1024`` becomes the tiny model's context (29), ``--max-new-tokens`` above 29
-  becomes 20, and ``gpt2jax plan SIZE`` reads
+  ``--seq-len 1024`` becomes the tiny model's context (29), and ``gpt2jax plan SIZE`` reads
   the cached directory of SIZE (for a size name, ``plan`` uses the real preset's shape: a
   minute of compiling for 1558M on a CPU).
 - **Markers**: an HTML comment right before a block, ``<!-- test: skip (why) -->``, leaves it
@@ -54,9 +53,6 @@ def _steps(m: re.Match) -> str:
 REWRITES: tuple[tuple[str, object], ...] = (
     (r"(?m)(--steps |steps=|^steps = )(\d+)", _steps),
     (r"--seq-len 1024\b", "--seq-len 29"),
-    # at most the tiny model's context, which `generate` now enforces
-    (r"--max-new-tokens (\d{3,}|[3-9]\d)\b", "--max-new-tokens 20"),
-    (r"max_new_tokens=(\d{3,}|[3-9]\d)\b", "max_new_tokens=20"),
     (r"gpt2jax plan (\d+M)\b", r'gpt2jax plan "$GPT2JAX_CACHE/models/\1"'),
 )
 

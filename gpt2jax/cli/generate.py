@@ -41,7 +41,8 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--max-new-tokens",
         type=int,
-        help="tokens per sample at most (default: 256, or the model's context if smaller)",
+        help="tokens per sample at most (default: 256, or the model's context if smaller; "
+        "a sample ends when the context is full)",
     )
     p.add_argument("--temperature", type=float, default=1.0, help="0 means greedy")
     p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: off)")
@@ -119,7 +120,7 @@ def read_prompts(path: str) -> list[str]:
 def _cmd_generate(args: argparse.Namespace) -> int:
     from gpt2jax.dtypes import DTYPES
     from gpt2jax.files import check_output_file, write_text_atomic
-    from gpt2jax.generation.host import check_settings, generate
+    from gpt2jax.generation.host import check_settings, context_note, generate
     from gpt2jax.loader import describe, load
 
     prompts = read_prompts(args.prompt_file) if args.prompt_file else args.prompt
@@ -130,6 +131,11 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         top_k=args.top_k, top_p=args.top_p, greedy=args.greedy, num_samples=args.num_samples,
         batch_size=args.batch_size,
     )  # fmt: skip
+    if args.max_new_tokens is not None and args.max_new_tokens > source.config.n_ctx:
+        note = context_note(args.max_new_tokens, source.config.n_ctx)
+        print(f"gpt2jax: warning: {note.replace('max_new_tokens', '--max-new-tokens', 1)}",
+              file=sys.stderr)  # fmt: skip
+        args.max_new_tokens = source.config.n_ctx
     if args.out:  # before any work: never found unwritable after all samples are made
         check_output_file(args.out, overwrite=args.force, inputs=[args.prompt_file, source.path])
     model = load(

@@ -13,6 +13,7 @@ the compiled loop is :mod:`gpt2jax.generation.decoding`.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -27,6 +28,8 @@ from gpt2jax.generation.sampling import Sampler
 from gpt2jax.loader import Pretrained
 from gpt2jax.progress import progress_bar
 from gpt2jax.validate import check_number
+
+log = logging.getLogger(__name__)
 
 #: New tokens per sample unless told (at most the model's context).
 DEFAULT_NEW_TOKENS = 256
@@ -130,8 +133,8 @@ def generate(
         prompts: a string, a list of strings, a list of token-id lists, or ``None`` for
             unconditional samples (starting from ``<|endoftext|>``, as is an empty prompt).
         max_new_tokens: tokens to generate per sample at most (default: 256, or the model's
-            context if smaller; more than the context is refused); a sample also ends at the
-            end of the model's context.
+            context if smaller); a sample also ends at the end of the model's context (asking
+            for more than the context logs a warning).
         temperature, top_k, top_p, greedy: how each token is chosen (``top_k=0`` and
             ``top_p=1`` are off; ``temperature=0`` or ``greedy`` take the argmax).
         seed: samples ``(prompt i, sample j)`` with the same seed get the same randomness.
@@ -155,6 +158,8 @@ def generate(
     """
     if max_new_tokens is None:
         max_new_tokens = min(DEFAULT_NEW_TOKENS, model.config.n_ctx)
+    elif max_new_tokens > model.config.n_ctx:
+        log.warning(context_note(max_new_tokens, model.config.n_ctx))
     sampler = check_settings(
         model.config, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
         top_p=top_p, greedy=greedy, num_samples=num_samples, batch_size=batch_size,
@@ -210,22 +215,29 @@ def check_settings(
     batch_size: int,
 ) -> Sampler:
     """The sampler of these settings, each checked (finite, in range) with a message naming its
-    argument and flag; ``max_new_tokens`` may not exceed the model's context (a sample also ends
-    when the context is full)."""
+    argument and flag. (``max_new_tokens`` above the model's context is allowed: a sample ends
+    when the context is full; :func:`generate` says so.)"""
 
     def name(arg: str) -> str:
         return f"{arg} (--{arg.replace('_', '-')})"
 
     if max_new_tokens is None:
         max_new_tokens = min(DEFAULT_NEW_TOKENS, config.n_ctx)
-    check_number(name("max_new_tokens"), max_new_tokens, low=1, high=config.n_ctx, integer=True,
-                 hint=f"the model's context is {config.n_ctx} tokens")  # fmt: skip
+    check_number(name("max_new_tokens"), max_new_tokens, low=1, integer=True)
     check_number(name("temperature"), temperature, low=0, hint="0 means greedy")
     check_number(name("top_k"), top_k, low=0, integer=True, hint="0: off")
     check_number(name("top_p"), top_p, low=0, high=1, low_open=True, hint="1: off")
     check_number(name("num_samples"), num_samples, low=1, integer=True)
     check_number(name("batch_size"), batch_size, low=1, integer=True)
     return Sampler.make(temperature, top_k, top_p, greedy)
+
+
+def context_note(max_new_tokens: int, n_ctx: int) -> str:
+    """What asking for more new tokens than the context holds gets."""
+    return (
+        f"max_new_tokens {max_new_tokens} is more than the model's context of {n_ctx} tokens: "
+        "each sample ends when the context is full"
+    )
 
 
 def _slow_single_row(params: dict) -> bool:

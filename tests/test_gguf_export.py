@@ -194,7 +194,7 @@ def test_q8_0_quantizes_every_matrix_whose_rows_split_into_blocks(tmp_path):
 def test_refuses_to_overwrite_and_bad_types(tmp_path, capsys):
     out = _export(tmp_path, "float32")
     assert cli.main(["export", str(TINY), out, "--format", "gguf"]) == 1
-    assert "exists; pass --force" in capsys.readouterr().err
+    assert "already exists (use --force" in capsys.readouterr().err
     assert cli.main(["export", str(TINY), out, "--format", "gguf", "--force"]) == 0
     assert cli.main(["export", str(TINY), str(tmp_path / "x"), "--dtype", "q8_0"]) == 1
     assert "--dtype q8_0 is for --format gguf" in capsys.readouterr().err

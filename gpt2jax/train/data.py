@@ -109,6 +109,8 @@ def resolve_paths(specs: Sequence[str | os.PathLike]) -> list[str]:
             if not found:
                 raise DataError(f"{spec}: no files match this pattern")
         for path in found:
+            if path == spec and os.path.isdir(spec):  # a saved dataset, read by `datasets`
+                continue
             try:
                 check_regular(path, DataError)
             except FileNotFoundError:

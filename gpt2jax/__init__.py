@@ -4,7 +4,8 @@ Public API (every name in ``__all__`` is documented; README.md is the user guide
 
     import gpt2jax
     m = gpt2jax.load("ckpt/124M")                 # or an OpenAI checkpoint directory
-    logits = m.logits(m.encode("Hello world"))    # (T, 50257) float32
+    logits = m.logits(m.encode("Hello world"))    # (T, 50257) float32; params on the device
+    gpt2jax.enable_compile_cache("~/jax-cache")  # compiled programs kept between processes
     gpt2jax.GPT2(m.config).apply({"params": m.params}, ids)   # the plain Flax module
 
 The rest lives in the subpackages (ARCHITECTURE.md): e.g. :func:`gpt2jax.train.loop.finetune`,
@@ -16,6 +17,7 @@ from gpt2jax.config import PRESETS, GPT2Config, get_preset
 from gpt2jax.convert.hf import convert_hf_dir, export_hf
 from gpt2jax.convert.openai_export import export_openai
 from gpt2jax.convert.openai_tf import convert_openai_dir
+from gpt2jax.device import enable_compile_cache
 from gpt2jax.errors import CheckpointError, ConfigError, DataError, Gpt2JaxError
 from gpt2jax.generation.host import Generation, generate
 from gpt2jax.layer_views import layers, stack_layers
@@ -47,6 +49,7 @@ __all__ = [
     "TrainConfig",
     "convert_hf_dir",
     "convert_openai_dir",
+    "enable_compile_cache",
     "export_hf",
     "export_openai",
     "get_preset",

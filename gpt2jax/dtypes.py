@@ -15,6 +15,9 @@ DTYPES: dict[str, np.dtype] = {
 STORAGE = ("float32", "bfloat16", "float16")
 #: What training computes and keeps its state in.
 TRAINING = ("float32", "bfloat16")
+#: What training's matmuls may run in: float16 trains with loss scaling
+#: (:mod:`gpt2jax.loss_scale`); ``auto`` is the device's choice (:mod:`gpt2jax.device`).
+COMPUTE = ("auto", *TRAINING, "float16")
 
 
 def dtype(name: str) -> np.dtype:

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gpt2jax import lora
+from gpt2jax.attention import check_name as check_attention
 from gpt2jax.config import GPT2Config
 from gpt2jax.convert.hf import describe_hf_dir, read_hf_config, read_hf_dir
 from gpt2jax.convert.hf_tokenizer import load_tokenizer
@@ -98,8 +99,10 @@ def describe(path: str | os.PathLike) -> ModelSource:
 class Pretrained:
     """A loaded model: ``config``, ``params`` (OpenAI-named pytree), ``tokenizer``.
 
-    ``compute_dtype`` is what :meth:`logits` computes in; ``params`` keep the dtype they were
-    loaded in. ``source`` says where the model came from (for ``gpt2jax info``).
+    ``params`` are device arrays (see :func:`load`), in the dtype they were loaded in;
+    ``compute_dtype`` is what :meth:`logits` and :func:`gpt2jax.generate` compute in, with the
+    ``attention`` implementation (:mod:`gpt2jax.attention`). ``source`` says where the model
+    came from (for ``gpt2jax info``).
     """
 
     config: GPT2Config
@@ -109,11 +112,12 @@ class Pretrained:
     kind: str
     compute_dtype: Any = jnp.float32
     source: dict[str, Any] = dataclasses.field(default_factory=dict)
+    attention: str = "auto"
 
     @property
     def module(self) -> GPT2:
         """The Flax module: ``m.module.apply({"params": m.params}, ids)``."""
-        return GPT2(self.config, dtype=self.compute_dtype)
+        return GPT2(self.config, dtype=self.compute_dtype, attention=self.attention)
 
     def encode(self, text: str) -> np.ndarray:
         """Token ids ``(T,)`` int32 of ``text``."""
@@ -125,20 +129,23 @@ class Pretrained:
 
     def logits(self, ids: Any) -> jax.Array:
         """Next-token logits, float32: ``(T, V)`` for ids ``(T,)``, ``(B, T, V)`` for ``(B, T)``."""
-        ids = jnp.asarray(ids, jnp.int32)
+        # the ids are the only upload (explicit); the params are on the device already
+        ids = ids if isinstance(ids, jax.Array) else jax.device_put(np.asarray(ids, np.int32))
+        ids = ids.astype(jnp.int32)
         if ids.ndim not in (1, 2) or ids.shape[-1] == 0:
             raise Gpt2JaxError(f"logits expects token ids of shape (T,) or (B, T), got {ids.shape}")
         if ids.shape[-1] > self.config.n_ctx:
             raise Gpt2JaxError(
                 f"{ids.shape[-1]} tokens exceed the model's context of {self.config.n_ctx}"
             )
-        out = _logits_fn(self.config, self.compute_dtype)(self.params, jnp.atleast_2d(ids))
+        fn = _logits_fn(self.config, self.compute_dtype, self.attention)
+        out = fn(self.params, jnp.atleast_2d(ids))
         return out[0] if ids.ndim == 1 else out
 
 
 @functools.cache
-def _logits_fn(config: GPT2Config, dtype: Any):
-    model = GPT2(config, dtype=dtype)
+def _logits_fn(config: GPT2Config, dtype: Any, attention: str):
+    model = GPT2(config, dtype=dtype, attention=attention)
     return jax.jit(lambda params, ids: model.apply({"params": params}, ids))
 
 
@@ -148,8 +155,16 @@ def load(
     dtype: Any = None,
     compute_dtype: Any = jnp.float32,
     allow_changed_base: bool = False,
+    device: Any = None,
+    sharding: Any = None,
+    attention: str = "auto",
 ) -> Pretrained:
     """Loads a model directory (gpt2jax, OpenAI TF or Hugging Face), detected from its files.
+
+    The parameters are put on ``device`` (default: JAX's default device, the accelerator when
+    there is one), one tensor at a time, or laid out by ``sharding`` (one
+    ``jax.sharding.Sharding`` for every leaf, or a pytree of them, e.g. FSDP's for a model too
+    big for one device): ``m.logits`` and ``jax.grad`` over ``m.params`` then upload nothing.
 
     Args:
         path: the directory, or one of OpenAI's sizes ("124M", ...): its download cache,
@@ -160,16 +175,26 @@ def load(
         compute_dtype: dtype :meth:`Pretrained.logits` computes in.
         allow_changed_base: load a LoRA run whose base model's weights changed since the run
             started (refused otherwise: the adapters were trained for the old ones).
+        device: a ``jax.Device`` for the parameters (not with ``sharding``).
+        sharding: where each parameter goes (not with ``device``).
+        attention: the attention implementation of ``logits`` and ``generate``.
 
     A training run loads as its newest checkpoint; one that a running ``finetune`` removes
     while it is being read (``--keep``) is replaced by the newer one it made room for.
     """
+    if device is not None and sharding is not None:
+        raise Gpt2JaxError("load: give device or sharding, not both")
+    check_attention(attention)
+    if sharding is None:
+        sharding = jax.sharding.SingleDeviceSharding(device or jax.local_devices()[0])
     src = path if isinstance(path, ModelSource) else describe(path)
     path, kind = src.path, src.kind
     tokenizer = None
-    if kind == "gpt2jax":
+    if kind == "gpt2jax":  # restored straight onto the devices
         config = src.config
-        params = restore_params(os.path.join(path, "params"), config, dtype=dtype)
+        params = restore_params(
+            os.path.join(path, "params"), config, dtype=dtype, sharding=sharding
+        )
         source = src.meta.get("source", {})
     elif kind == "openai":
         config, params = read_openai_dir(path, dtype=dtype or np.float32)
@@ -189,12 +214,13 @@ def load(
     tokenizer.check_model_vocab(config.n_vocab, _config_file(path, kind), field)
     return Pretrained(
         config=config,
-        params=params,
+        params=place(params, sharding),
         tokenizer=tokenizer,
         path=path,
         kind=kind,
         compute_dtype=compute_dtype,
         source=source,
+        attention=attention,
     )
 
 
@@ -308,6 +334,25 @@ def run_base_params(
     if update_record:
         runs.write_run_json(run_path, config, train, base=now)
     return params
+
+
+def place(params: dict, sharding: Any) -> dict:
+    """``params`` (a nested dict) with every leaf put where ``sharding`` says (one sharding,
+    or a matching tree of them). Each host leaf is dropped from the tree as soon as it is
+    copied, so that the host never holds the model twice; leaves already there stay."""
+    shardings = sharding if isinstance(sharding, dict) else None
+    out = {}
+    for key in list(params):
+        value = params.pop(key) if isinstance(params, dict) else params[key]
+        target = shardings[key] if shardings is not None else sharding
+        if isinstance(value, dict):
+            out[key] = place(value, target)
+        elif isinstance(value, jax.Array) and value.sharding == target:
+            out[key] = value
+        else:
+            out[key] = jax.device_put(value, target)
+        del value
+    return out
 
 
 def restore_lora_run(

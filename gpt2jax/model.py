@@ -17,6 +17,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from gpt2jax import attention
 from gpt2jax.config import GPT2Config
 
 Array = jax.Array
@@ -127,7 +128,9 @@ class Attention(nn.Module):
 
     Returns the output, the updated layer cache, and with ``output_attentions`` the attention
     probabilities ``(B, H, T, S)`` (else None). It sows them as ``intermediates/probs`` (a no-op
-    unless that collection is mutable).
+    unless that collection is mutable). ``attention`` names the implementation
+    (:mod:`gpt2jax.attention`); returning or sowing probabilities needs them materialised, so
+    those calls run ``xla``.
     """
 
     config: GPT2Config
@@ -135,13 +138,14 @@ class Attention(nn.Module):
     param_dtype: Any
     deterministic: bool
     output_attentions: bool = False
+    attention: str = "auto"
 
     @nn.compact
     def __call__(
         self,
         x: Array,  # (B, T, C)
         layer_cache: tuple[Array, Array] | None,  # k, v: (B, H, S, D)
-        mask: Array,  # (B, T, S) bool: which keys each query may attend to
+        mask: Array | None,  # (B, T, S) bool: which keys each query may attend to; None: causal
         cache_index: Array,  # () int32: cache slot of x[:, 0]
     ) -> tuple[Array, tuple[Array, Array] | None, Array | None]:
         cfg = self.config
@@ -150,7 +154,7 @@ class Attention(nn.Module):
         qkv = Conv1D(3 * C, self.dtype, self.param_dtype, name="c_attn")(x)  # (B, T, 3C)
         # OpenAI splits c_attn's output into q, k, v in that order, then into heads.
         q, k, v = (t.reshape(B, T, H, D).transpose(0, 2, 1, 3) for t in jnp.split(qkv, 3, -1))
-        keys, values = [k], [v]  # blocks of keys/values attended side by side: (B, H, *, D)
+        keys, values = [k], [v]  # segments of keys/values attended side by side: (B, H, *, D)
         if layer_cache is not None:
             # The queries see the cache as it was (all but the T slots being written) next to the
             # new keys, not the updated cache: XLA then updates the cache in place in a decoding
@@ -168,24 +172,21 @@ class Attention(nn.Module):
             written = (slot >= cache_index) & (slot < cache_index + T)
             new = jax.lax.dynamic_slice_in_dim(mask, cache_index, T, axis=2)  # (B, T, T)
             mask = jnp.concatenate([mask & ~written, new], axis=-1)  # (B, T, S + T)
-        f32 = jnp.float32
-        scores = [
-            jnp.einsum("bhtd,bhsd->bhts", q.astype(kb.dtype), kb, preferred_element_type=f32)
-            for kb in keys
-        ]
-        scores = jnp.concatenate(scores, axis=-1) / D**0.5  # (B, H, T, keys)
-        scores = jnp.where(mask[:, None], scores, -1e10)  # OpenAI masks with -1e10
-        probs = jax.nn.softmax(scores, axis=-1)  # (B, H, T, keys) float32
-        probs = nn.Dropout(cfg.dropout, deterministic=self.deterministic)(probs)
-        probs = jnp.split(probs, [kb.shape[2] for kb in keys[:-1]], axis=-1)
+        dropout = cfg.dropout > 0 and not self.deterministic
+        drop = nn.Dropout(cfg.dropout, deterministic=False) if dropout else None
         weights = None
         if self.output_attentions or self.is_mutable_collection("intermediates"):
+            attention.check_name(self.attention)
+            probs = attention.probabilities(q, keys, mask, drop)
             weights = _slot_probs(probs, cache_index)
             self.sow("intermediates", "probs", weights)
-        y = sum(
-            jnp.einsum("bhts,bhsd->bhtd", p.astype(vb.dtype), vb)
-            for p, vb in zip(probs, values, strict=True)
-        )
+            y = attention.mix(probs, values)
+        else:
+            impl = attention.choose(
+                self.attention, dtype=self.dtype, queries=T, keys=sum(kb.shape[2] for kb in keys),
+                causal_only=mask is None, cached=layer_cache is not None, dropout=dropout,
+            )  # fmt: skip
+            y = attention.attend(q, keys, values, mask, implementation=impl, dropout=drop)
         y = y.astype(self.dtype).transpose(0, 2, 1, 3).reshape(B, T, C)
         proj_std = 0.02 / (2 * cfg.n_layer) ** 0.5  # GPT-2 paper: residual projections scaled
         y = Conv1D(C, self.dtype, self.param_dtype, proj_std, name="c_proj")(y)
@@ -233,19 +234,22 @@ class Block(nn.Module):
     param_dtype: Any
     deterministic: bool
     output_attentions: bool = False
+    attention: str = "auto"
 
     @nn.compact
     def __call__(
         self,
         x: Array,  # (B, T, C)
         layer_cache: tuple[Array, Array] | None,
-        mask: Array,  # (B, T, S) bool
+        mask: Array | None,  # (B, T, S) bool; None: causal
         cache_index: Array,
     ) -> tuple[Array, tuple[tuple[Array, Array] | None, Array, Array | None]]:
         cfg, dt, pdt = self.config, self.dtype, self.param_dtype
         drop = nn.Dropout(cfg.dropout, deterministic=self.deterministic)
         h = LayerNorm(cfg.layer_norm_epsilon, dt, pdt, name="ln_1")(x)
-        attn = Attention(cfg, dt, pdt, self.deterministic, self.output_attentions, name="attn")
+        attn = Attention(
+            cfg, dt, pdt, self.deterministic, self.output_attentions, self.attention, name="attn"
+        )
         y, layer_cache, probs = attn(h, layer_cache, mask, cache_index)
         self.sow("intermediates", "attn_out", y)
         x_in, x = x, x + drop(y)
@@ -269,6 +273,7 @@ class GPT2(nn.Module):
         param_dtype: dtype of parameters created by ``init``.
         remat: ``"none"``, ``"block"`` or ``"dots"`` (below).
         scan_unroll: how many layers each iteration of the layer scan runs (1 = fully scanned).
+        attention: the attention implementation (:mod:`gpt2jax.attention`; ``"auto"``).
 
     Parameter tree (OpenAI's names, leaves ``g``/``b``/``w`` as in OpenAI's checkpoints)::
 
@@ -304,6 +309,7 @@ class GPT2(nn.Module):
     param_dtype: Any = jnp.float32
     remat: str = "none"
     scan_unroll: int = 1
+    attention: str = "auto"
 
     def __call__(
         self,
@@ -374,11 +380,14 @@ class GPT2(nn.Module):
         x = embed(wte, wpe, ids, positions, self.dtype)
         x = nn.Dropout(cfg.dropout, deterministic=deterministic)(x)  # (B, T, C)
 
-        # Which keys each query may attend to: causal over slots, and the padding mask.
-        S = T if cache is None else cache.length
-        allowed = causal_mask(B, T, S, cache_index)
-        if attention_mask is not None:
-            allowed = allowed & attention_mask[:, None, :].astype(bool)
+        # Which keys each query may attend to: causal over slots, and the padding mask (None:
+        # causal only, which fused attention kernels take as a flag).
+        allowed = None
+        if cache is not None or attention_mask is not None:
+            S = T if cache is None else cache.length
+            allowed = causal_mask(B, T, S, cache_index)
+            if attention_mask is not None:
+                allowed = allowed & attention_mask[:, None, :].astype(bool)
 
         block = Block
         if self.remat == "block":
@@ -400,7 +409,13 @@ class GPT2(nn.Module):
         )
         layer_caches = None if cache is None else cache.stacked()
         x, (layer_caches, block_inputs, probs) = stack(
-            cfg, self.dtype, self.param_dtype, deterministic, output_attentions, name="h"
+            cfg,
+            self.dtype,
+            self.param_dtype,
+            deterministic,
+            output_attentions,
+            self.attention,
+            name="h",
         )(x, layer_caches, allowed, cache_index)
 
         h = LayerNorm(cfg.layer_norm_epsilon, self.dtype, self.param_dtype, name="ln_f")(x)

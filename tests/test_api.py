@@ -19,11 +19,13 @@ import gpt2jax
 
 #: Modules whose public names are part of the documented API (README.md, gpt2jax.__doc__).
 API_MODULES = (
+    "gpt2jax.attention",
     "gpt2jax.store.model_dir",
     "gpt2jax.config",
     "gpt2jax.convert.hf",
     "gpt2jax.convert.openai_export",
     "gpt2jax.convert.openai_tf",
+    "gpt2jax.device",
     "gpt2jax.generation.decoding",
     "gpt2jax.store.download",
     "gpt2jax.errors",
@@ -33,6 +35,7 @@ API_MODULES = (
     "gpt2jax.store.sizes",
     "gpt2jax.model",
     "gpt2jax.loader",
+    "gpt2jax.loss_scale",
     "gpt2jax.tokenizer",
 )
 

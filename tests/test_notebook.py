@@ -2,11 +2,14 @@
 
 No Jupyter needed: the notebook's code cells are plain Python plus IPython's ``!command`` lines
 (which this test translates to a shell call, with IPython's ``{name}`` expansion), executed in
-one shared namespace as a kernel would. ``GPT2JAX_NOTEBOOK_TINY=1`` makes the notebook swap in
-the committed tiny checkpoint and a short text, train two steps and skip the installation, the
-download and Google Drive (its parameter cell reads it). Then the test checks what a user ends
-with: the loss curve, samples, and a Hugging Face export that ``transformers`` loads and that
-computes the fine-tuned model's logits.
+one shared namespace as a kernel would. As papermill does, the test sets ``INSTALL`` in a cell
+after the parameters: the wheel it builds from this checkout, which the install cell installs
+(into a scratch folder, in tiny mode, so the test's own environment stays).
+``GPT2JAX_NOTEBOOK_TINY=1`` makes the notebook swap in the committed tiny checkpoint and a short
+text, train two steps and skip the JAX installation, the download and Google Drive (its parameter
+cell reads it). Then the test checks what a user ends with: the backend check's message, the
+loss curve, samples, and a Hugging Face export that ``transformers`` loads and that computes the
+fine-tuned model's logits.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import logging
 import os
 import string
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -68,11 +72,29 @@ def test_notebook_structure() -> None:
     # papermill injects parameters after the cell tagged "parameters": it must be the first.
     assert code[0]["metadata"].get("tags") == ["parameters"]
     assert "TINY" in "".join(code[0]["source"])
+    assert 'INSTALL = ""' in "".join(code[0]["source"])  # no package index name to fail on
+    text = "".join("".join(c["source"]) for c in nb["cells"])
+    assert "v5e-8" in text and "v3-8" not in text
     assert all(c["outputs"] == [] and c["execution_count"] is None for c in code), "outputs saved"
     assert len({c["id"] for c in nb["cells"]}) == len(nb["cells"])
 
 
-def test_notebook_runs_top_to_bottom(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A wheel of this checkout (what ``python -m build`` makes, without its isolated env)."""
+    out = tmp_path_factory.mktemp("wheel")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+         "-w", str(out), str(ROOT)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    (path,) = out.glob("gpt2jax-*.whl")
+    return path
+
+
+def test_notebook_runs_top_to_bottom(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, wheel: Path
+) -> None:
     monkeypatch.setenv("GPT2JAX_NOTEBOOK_TINY", "1")
     monkeypatch.setenv("MPLBACKEND", "Agg")  # plt.show() draws nothing
     monkeypatch.setenv("GPT2JAX_CACHE", str(tmp_path / "cache"))
@@ -87,13 +109,28 @@ def test_notebook_runs_top_to_bottom(monkeypatch: pytest.MonkeyPatch, tmp_path: 
     monkeypatch.setattr(logger, "propagate", logger.propagate)
     monkeypatch.setattr(logger, "level", logger.level)
     namespace: dict = {"__name__": "__main__", "_shell": _shell}
-    for i, source in enumerate(code_cells(NOTEBOOK)):
-        try:
-            exec(compile(to_python(source), f"<cell {i}>", "exec"), namespace)
-        except Exception as e:
-            raise AssertionError(f"cell {i} raised {type(e).__name__}: {e}\n{source}") from e
+    cells = code_cells(NOTEBOOK)
+    cells.insert(1, f"INSTALL = {str(wheel)!r}\n")  # papermill's injected parameters
+    cache_dir = jax.config.jax_compilation_cache_dir
+    try:
+        for i, source in enumerate(cells):
+            try:
+                exec(compile(to_python(source), f"<cell {i}>", "exec"), namespace)
+            except Exception as e:
+                raise AssertionError(f"cell {i} raised {type(e).__name__}: {e}\n{source}") from e
+    finally:
+        jax.config.update("jax_compilation_cache_dir", cache_dir)
 
     assert namespace["TINY"] is True
+    # the install cell installed the wheel
+    installed = namespace["work"] / "site-packages" / "gpt2jax"
+    assert (installed / "__init__.py").is_file() and (installed / "convert" / "hf.py").is_file()
+    # the backend check: on a CPU runtime it says so; an accelerator runtime on the CPU stops
+    assert namespace["BACKEND_MESSAGE"].startswith("No TPU or GPU in this runtime")
+    with pytest.raises(RuntimeError, match="has a TPU, but JAX computes on the CPU"):
+        namespace["check_backend"]("tpu", "cpu")
+    assert namespace["check_backend"]("gpu", "gpu") == "JAX computes on the GPU."
+    assert namespace["COMPILE_CACHE"] == str(namespace["work"] / "jax-cache")
     run, export = Path(namespace["RUN_DIR"]), Path(namespace["EXPORT_DIR"])
     assert run.is_relative_to(namespace["work"])  # tiny mode wrote only to its temp dir
     assert (run / "loss.png").stat().st_size > 0

@@ -13,6 +13,8 @@ import os
 import sys
 import time
 
+from gpt2jax.attention import IMPLEMENTATIONS
+from gpt2jax.cli.plan import ATTENTION_HELP
 from gpt2jax.errors import DataError, Gpt2JaxError
 from gpt2jax.files import read_bytes
 
@@ -72,7 +74,14 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
         help="keep the end of a prompt too long for the context instead of refusing it",
     )
     p.add_argument("--dtype", choices=DTYPE_CHOICES, help="parameter dtype (default: as stored)")
-    p.add_argument("--compute-dtype", choices=DTYPE_CHOICES, default="float32")
+    p.add_argument(
+        "--compute-dtype",
+        choices=("auto", *DTYPE_CHOICES),
+        default="auto",
+        help="matmul dtype, also the KV cache's off the CPU (default auto: bfloat16 on TPUs and "
+        "GPUs of compute capability >= 8.0, float16 on older GPUs, float32 on CPUs)",
+    )
+    p.add_argument("--attention", choices=IMPLEMENTATIONS, default="auto", help=ATTENTION_HELP)
     add_allow_changed_base(p)
     p.set_defaults(func=_cmd_generate)
 
@@ -118,6 +127,7 @@ def read_prompts(path: str) -> list[str]:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
+    from gpt2jax.device import enable_compile_cache, resolve_compute_dtype
     from gpt2jax.dtypes import DTYPES
     from gpt2jax.files import check_output_file, write_text_atomic
     from gpt2jax.generation.host import check_settings, context_note, generate
@@ -138,10 +148,12 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         args.max_new_tokens = source.config.n_ctx
     if args.out:  # before any work: never found unwritable after all samples are made
         check_output_file(args.out, overwrite=args.force, inputs=[args.prompt_file, source.path])
+    enable_compile_cache()
     model = load(
         source,
         dtype=DTYPES[args.dtype] if args.dtype else None,
-        compute_dtype=DTYPES[args.compute_dtype],
+        compute_dtype=DTYPES[resolve_compute_dtype(args.compute_dtype)],
+        attention=args.attention,
         allow_changed_base=args.allow_changed_base,
     )
     streaming = n_prompts * args.num_samples == 1

@@ -204,10 +204,14 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _add_info(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "info",
-        help="show a model directory's size, config, parameter count, dtype and source",
-        description="Describe a model directory (gpt2jax or OpenAI) without loading its weights.",
+        help="show a model directory's size, config, parameter count, dtype and source; "
+        "without one, this machine's accelerator and the defaults chosen for it",
+        description="Describe a model directory (gpt2jax or OpenAI) without loading its "
+        "weights. Without PATH: the device JAX computes on and what gpt2jax chooses for it by "
+        "default (compute dtype, loss scaling, attention implementation, KV cache dtype, "
+        "compile cache).",
     )
-    p.add_argument("path", help="model directory")
+    p.add_argument("path", nargs="?", help="model directory")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.set_defaults(func=_cmd_info)
 
@@ -215,6 +219,9 @@ def _add_info(sub: argparse._SubParsersAction) -> None:
 def _cmd_info(args: argparse.Namespace) -> int:
     from gpt2jax.config import PRESETS
     from gpt2jax.loader import describe
+
+    if args.path is None:
+        return _device_info(args.json)
 
     src = describe(args.path)  # a size name ("124M") means the download cache
     args.path, kind, config = src.path, src.kind, src.config
@@ -260,6 +267,31 @@ def _cmd_info(args: argparse.Namespace) -> int:
         print(f"  source      {json.dumps(info['source'])}")
     if info.get("created"):
         print(f"  created     {info['created']}")
+    return 0
+
+
+def _device_info(as_json: bool) -> int:
+    import flax
+    import jax
+
+    from gpt2jax.device import enable_compile_cache, summary
+
+    enable_compile_cache()  # what the commands that compile do
+    info = summary()
+    info.update(jax=jax.__version__, flax=flax.__version__)
+    if as_json:
+        print(json.dumps(info, indent=2))
+        return 0
+    capability = info["compute_capability"]
+    print(f"device         {info['count']} x {info['device']} ({info['platform']}"
+          + (f", compute capability {capability}" if capability else "") + ")")  # fmt: skip
+    scaling = " with dynamic loss scaling" if info["loss_scaling"] else ""
+    print(f"compute dtype  {info['compute_dtype']}{scaling} (parameters, LayerNorm, softmax "
+          "and loss in float32)")  # fmt: skip
+    print(f"attention      {info['attention_train_1024']} (training at 1024 tokens)")
+    print(f"kv cache       {info['kv_cache_dtype']}")
+    print(f"compile cache  {info['compile_cache'] or 'off'}")
+    print(f"versions       jax {info['jax']}, flax {info['flax']}")
     return 0
 
 

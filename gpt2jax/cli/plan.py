@@ -18,7 +18,8 @@ def add_memory_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> 
     """The memory flags shared by ``plan`` and ``finetune``, except those in ``skip``. They
     default to None, so that a command can tell which were given (the defaults in the help are
     :class:`gpt2jax.train.memory.build.MemorySettings`'s)."""
-    from gpt2jax.dtypes import TRAINING
+    from gpt2jax.attention import IMPLEMENTATIONS
+    from gpt2jax.dtypes import COMPUTE, TRAINING
     from gpt2jax.model import REMAT_POLICIES
     from gpt2jax.train.optim import OPTIMIZERS
     from gpt2jax.train.settings import PARALLEL, MemorySettings
@@ -31,7 +32,11 @@ def add_memory_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> 
         ("--optimizer", dict(choices=OPTIMIZERS), "adamw, adafactor or sgd (momentum 0.9)"),
         ("--opt-state-dtype", dict(choices=dtypes), "AdamW's moments / SGD's momentum dtype"),
         ("--param-dtype", dict(choices=dtypes), "dtype the parameters are stored in"),
-        ("--compute-dtype", dict(choices=dtypes), "matmul dtype (loss, softmax stay float32)"),
+        ("--compute-dtype", dict(choices=COMPUTE), "matmul dtype (LayerNorm, softmax, "
+         "loss stay float32; parameters float32 unless --param-dtype): auto = bfloat16 on TPUs "
+         "and GPUs of compute capability >= 8.0, float16 with dynamic loss scaling on older "
+         "GPUs (T4, V100), float32 on CPUs"),
+        ("--attention", dict(choices=IMPLEMENTATIONS), ATTENTION_HELP),
         ("--loss-chunk", dict(type=int, metavar="N"), "compute the loss N sequence positions "
          "at a time (0: all at once)"),
         ("--parallel", dict(choices=PARALLEL), "data: replicated state, pmap; fsdp: state "
@@ -52,6 +57,13 @@ def add_memory_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> 
         if default not in (None, 0) and "default:" not in text:
             text = f"{text} (default: {default})"
         p.add_argument(flag, dest=name, help=text, **kwargs)
+
+
+ATTENTION_HELP = (
+    "attention implementation; auto: cudnn on GPUs with cuDNN flash attention (compute "
+    "capability >= 8.0, 16-bit compute), splash on TPUs, else blockwise for long sequences "
+    "(memory-lean, pure JAX) and xla (the plain einsum) for short ones"
+)
 
 
 def _remat(name: str) -> str:
@@ -107,12 +119,14 @@ def settings_from_args(args: argparse.Namespace):
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
+    from gpt2jax.device import enable_compile_cache
     from gpt2jax.train.memory.planner import chosen_line, format_row, header, resolve_memory, search
     from gpt2jax.validate import check_number
 
     for flag, value in (("--batch-size", args.batch_size), ("--grad-accum", args.grad_accum)):
         if value is not None:  # given: checked, never replaced by the default
             check_number(flag, value, low=1, integer=True)
+    enable_compile_cache()
     budget, read_as = resolve_memory(args.memory)
     config = model_config(args.model)
     seq_len = args.seq_len if args.seq_len is not None else min(1024, config.n_ctx)

@@ -15,8 +15,10 @@ import os
 import sys
 from typing import Any
 
+from gpt2jax.attention import IMPLEMENTATIONS
 from gpt2jax.cli.generate import add_allow_changed_base
-from gpt2jax.cli.plan import add_memory_flags
+from gpt2jax.cli.plan import ATTENTION_HELP, add_memory_flags
+from gpt2jax.dtypes import COMPUTE
 from gpt2jax.errors import ConfigError
 
 # (flag, TrainConfig setting, type, help); defaults come from TrainConfig.
@@ -103,8 +105,7 @@ def add_finetune(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--optimizer", choices=OPTIMIZERS, help=f"(default: {defaults.memory_settings.optimizer})"
     )
-    p.add_argument("--compute-dtype", choices=("float32", "bfloat16"), help="(default: float32)")
-    add_memory_flags(p, skip=("optimizer", "compute_dtype"))
+    add_memory_flags(p, skip=("optimizer",))
     p.add_argument(
         "--memory",
         metavar="SIZE",
@@ -340,6 +341,12 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="windows per batch (default: 8)")
     p.add_argument("--column", help="CSV column holding the text")
     p.add_argument("--field", help="JSONL field or parquet/dataset column holding the text")
+    p.add_argument(
+        "--compute-dtype", choices=COMPUTE, default="auto",
+        help="matmul dtype (default auto: bfloat16 on TPUs and GPUs of compute capability "
+        ">= 8.0, float16 on older GPUs, float32 on CPUs); the loss is float32",
+    )  # fmt: skip
+    p.add_argument("--attention", choices=IMPLEMENTATIONS, default="auto", help=ATTENTION_HELP)
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     add_allow_changed_base(p)
     p.set_defaults(func=_cmd_eval)
@@ -353,6 +360,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     result = evaluate(
         args.model, args.data, seq_len=args.seq_len, batch_size=args.batch_size,
         column=args.column, field=args.field, allow_changed_base=args.allow_changed_base,
+        compute_dtype=args.compute_dtype, attention=args.attention,
     )  # fmt: skip
     if args.json:
         print(json.dumps(result, indent=2))
@@ -407,20 +415,15 @@ def _unraisable_unless_orbax(unraisable: Any) -> None:
 
 
 def cache_compiled_code() -> None:
-    """On accelerators, keeps XLA's compiled programs in ``<cache root>/jax`` (see
-    ``gpt2jax.train.data.cache_root``), so that a resumed run, or another of the same shape, starts
-    without recompiling (minutes for the big models on a TPU). ``JAX_COMPILATION_CACHE_DIR``
-    chooses another place, also on CPU, where it is off by default: compiling is quick there,
-    and a CPU program is built for the host's instruction set, which a cache in a home
-    directory shared between different machines would not respect.
-    """
+    """Starts ``jax.distributed`` when asked (before anything starts JAX's backends), then
+    the persistent compile cache (:func:`gpt2jax.device.enable_compile_cache`: on
+    accelerators, or where ``JAX_COMPILATION_CACHE_DIR`` says)."""
     import jax
 
+    from gpt2jax.device import enable_compile_cache
     from gpt2jax.train import cluster
-    from gpt2jax.train.data import cache_root
 
     cluster.initialize()  # before anything starts JAX's backends
     if jax.process_index() != 0:  # process 0 says what the run does; the others only warn
         logging.getLogger("gpt2jax").setLevel(logging.WARNING)
-    if not os.environ.get("JAX_COMPILATION_CACHE_DIR") and jax.default_backend() != "cpu":
-        jax.config.update("jax_compilation_cache_dir", os.path.join(cache_root(), "jax"))
+    enable_compile_cache()

@@ -46,8 +46,8 @@ def empty_cache(config: GPT2Config, batch: int, length: int, dtype: Any = jnp.fl
     attends over all ``S`` slots (masked), so the cache length is a compile-time shape, which
     :mod:`gpt2jax.generation.host` rounds up to buckets.
 
-    Decoding keeps the cache in float32 whatever the compute dtype: attention then runs in
-    float32 (the model attends in the cache's dtype), which on a CPU is also the fast choice.
+    The model attends in the cache's dtype: :func:`gpt2jax.device.kv_cache_dtype` chooses
+    float32 on a CPU (its 16-bit batched matmuls convert) and the compute dtype elsewhere.
     """
     return KVCache.zeros(config, batch, length, dtype)
 
@@ -71,6 +71,7 @@ def forward_layers(
     key_mask: Array,  # (B, S) bool: cache slots a row may attend to (its padding is False)
     index: Array,  # () int32: cache slot of ids[:, 0]
     dtype: Any = jnp.float32,
+    attention: str = "auto",
 ) -> tuple[Array, KVCache]:
     """:meth:`GPT2.forward <gpt2jax.model.GPT2.forward>` with a cache, one layer at a time.
 
@@ -83,7 +84,8 @@ def forward_layers(
     allowed = causal[None] & key_mask[:, None, :]  # (B, T, S)
     new_cache = []
     for layer, layer_cache in zip(params["h"], cache.layers, strict=True):
-        block = Block(config, dtype, layer["ln_1"]["g"].dtype, deterministic=True)
+        pdt = layer["ln_1"]["g"].dtype
+        block = Block(config, dtype, pdt, deterministic=True, attention=attention)
         x, (layer_cache, _, _) = block.apply({"params": layer}, x, layer_cache, allowed, index)
         new_cache.append(layer_cache)
     ln_f = LayerNorm(config.layer_norm_epsilon, dtype, params["ln_f"]["g"].dtype)
@@ -121,6 +123,8 @@ def prefill(
     stop_token: Array | int,  # () int32; -1 for none
     cache_len: int,
     dtype: Any = jnp.float32,
+    attention: str = "auto",
+    cache_dtype: Any = jnp.float32,
 ) -> tuple[DecodeState, Array]:
     """Runs the prompts through the model in one pass and samples each row's first new token.
 
@@ -129,10 +133,12 @@ def prefill(
     logits ``(B, V)`` float32 it was drawn from.
     """
     B, P = ids.shape
-    cache = empty_cache(config, B, cache_len)
+    cache = empty_cache(config, B, cache_len, cache_dtype)
     positions = jnp.maximum(jnp.arange(P)[None, :] - pad[:, None], 0)  # (B, P); padding -> 0
     key_mask = jnp.arange(cache_len)[None, :] >= pad[:, None]  # (B, S)
-    hidden, cache = forward_layers(config, params, cache, ids, positions, key_mask, 0, dtype)
+    hidden, cache = forward_layers(
+        config, params, cache, ids, positions, key_mask, 0, dtype, attention
+    )
     logits = lm_head(params["wte"], hidden[:, -1])  # (B, V)
     length = jnp.zeros((B,), jnp.int32)
     token = _choose(keys, length, logits, sampler)
@@ -157,6 +163,7 @@ def step(
     sampler: Sampler,
     stop_token: Array | int,
     dtype: Any = jnp.float32,
+    attention: str = "auto",
 ) -> tuple[DecodeState, Array]:
     """Feeds every row's newest token and samples the next; rows already done stay done.
 
@@ -167,7 +174,9 @@ def step(
     # A row that is done keeps stepping (its results unused); its position is clipped in range.
     positions = jnp.minimum(t - state.pad, config.n_ctx - 1)[:, None]  # (B, 1)
     key_mask = jnp.arange(state.tokens.shape[1])[None, :] >= state.pad[:, None]
-    hidden, cache = forward_layers(config, params, state.cache, ids, positions, key_mask, t, dtype)
+    hidden, cache = forward_layers(
+        config, params, state.cache, ids, positions, key_mask, t, dtype, attention
+    )
     logits = lm_head(params["wte"], hidden[:, 0])  # (B, V)
     token = _choose(state.keys, state.length, logits, sampler)
     state = state.replace(
@@ -188,6 +197,7 @@ def decode(
     sampler: Sampler,
     stop_token: Array | int,
     dtype: Any = jnp.float32,
+    attention: str = "auto",
 ) -> DecodeState:
     """Steps until slot ``until`` is filled or every row is done, inside one ``while_loop``.
 
@@ -199,7 +209,7 @@ def decode(
         return (s.index < until) & ~jnp.all(s.done)
 
     def body(s: DecodeState) -> DecodeState:
-        return step(config, params, s, sampler, stop_token, dtype)[0]
+        return step(config, params, s, sampler, stop_token, dtype, attention)[0]
 
     return jax.lax.while_loop(cond, body, state)
 
@@ -213,11 +223,13 @@ _XLA_OPTIONS = {"xla_cpu_copy_insertion_use_region_analysis": True}
 #: settings, dtype, cache length) and per input shape (batch, prompt length); the state passed
 #: to ``decode_jit`` is donated, so its cache is updated in place across calls.
 prefill_jit = jax.jit(
-    prefill, static_argnames=("config", "cache_len", "dtype"), compiler_options=_XLA_OPTIONS
+    prefill,
+    static_argnames=("config", "cache_len", "dtype", "attention", "cache_dtype"),
+    compiler_options=_XLA_OPTIONS,
 )
 decode_jit = jax.jit(
     decode,
-    static_argnames=("config", "dtype"),
+    static_argnames=("config", "dtype", "attention"),
     donate_argnames=("state",),
     compiler_options=_XLA_OPTIONS,
 )
@@ -235,7 +247,7 @@ def row_keys(seed: int, ids: Any) -> Array:
 
 @functools.partial(
     jax.jit,
-    static_argnames=("config", "max_new_tokens", "dtype"),
+    static_argnames=("config", "max_new_tokens", "dtype", "attention", "cache_dtype"),
     compiler_options=_XLA_OPTIONS,
 )
 def generate_tokens(
@@ -249,6 +261,8 @@ def generate_tokens(
     sampler: Sampler,
     stop_token: Array | int = -1,
     dtype: Any = jnp.float32,
+    attention: str = "auto",
+    cache_dtype: Any = jnp.float32,
 ) -> tuple[Array, Array]:
     """Samples up to ``max_new_tokens`` after left-padded prompts, all in one compiled call.
 
@@ -270,6 +284,8 @@ def generate_tokens(
         sampler: a :class:`~gpt2jax.generation.sampling.Sampler`.
         stop_token: token id that ends a row (included in the output), or -1.
         dtype: compute dtype.
+        attention: the attention implementation (:mod:`gpt2jax.attention`).
+        cache_dtype: the KV cache's dtype (see :func:`empty_cache`).
 
     Returns:
         ``tokens (B, max_new_tokens)`` int32 and ``lengths (B,)``: row ``b``'s new tokens are
@@ -280,7 +296,10 @@ def generate_tokens(
     budget = jnp.minimum(max_new_tokens, config.n_ctx - (P - pad))  # new tokens each row may take
     last = P - 1 + budget  # (B,)
     state, _ = prefill(
-        config, params, ids, pad, last, keys, sampler, stop_token, P + max_new_tokens, dtype
+        config, params, ids, pad, last, keys, sampler, stop_token, P + max_new_tokens, dtype,
+        attention, cache_dtype,
+    )  # fmt: skip
+    state = decode(
+        config, params, state, P + max_new_tokens - 1, sampler, stop_token, dtype, attention
     )
-    state = decode(config, params, state, P + max_new_tokens - 1, sampler, stop_token, dtype)
     return state.tokens[:, P:], state.length

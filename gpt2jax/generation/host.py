@@ -21,7 +21,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gpt2jax.attention import check_name as check_attention
 from gpt2jax.config import GPT2Config
+from gpt2jax.device import kv_cache_dtype
 from gpt2jax.errors import Gpt2JaxError
 from gpt2jax.generation import decoding
 from gpt2jax.generation.sampling import Sampler
@@ -99,6 +101,7 @@ def generate(
     include_prompt: bool = False,
     truncate_prompt: bool = False,
     compute_dtype: Any = None,
+    attention: str | None = None,
     on_token: OnToken | None = None,
     show_progress: bool = False,
 ) -> list[Generation]:
@@ -146,7 +149,9 @@ def generate(
         truncate_prompt: keep only the last ``n_ctx - max_new_tokens`` tokens (at least 1) of
             a prompt that would not leave room for them, instead of refusing a prompt that
             fills the context.
-        compute_dtype: default: ``model.compute_dtype``.
+        compute_dtype: default: ``model.compute_dtype``. The KV cache is kept in it on
+            accelerators, in float32 on a CPU (:func:`gpt2jax.device.kv_cache_dtype`).
+        attention: the attention implementation (default: ``model.attention``).
         on_token: streaming callback ``on_token(i, token_ids, text)``, called as tokens
             arrive with the index ``i`` of the sample in the returned list, its new token ids
             and the text they complete (which may be empty, e.g. inside a UTF-8 sequence).
@@ -173,7 +178,10 @@ def generate(
     params = decoding.layer_params(model.params)
     if batch == 1 and _slow_single_row(params):
         batch = 2  # see _slow_single_row
-    decode = _Decoder(model, params, sampler, dtype, stop_at_eot, stop, max_new_tokens, seed)
+    attention = attention or model.attention
+    check_attention(attention)
+    decode = _Decoder(model, params, sampler, (dtype, attention), stop_at_eot, stop,
+                      max_new_tokens, seed)  # fmt: skip
 
     results: list[Generation] = []
     with progress_bar(len(rows), "generating", unit="sample", enabled=show_progress) as bar:
@@ -308,9 +316,11 @@ class _Decoder:
     """Generates one batch: prefill, the decoding loop (in chunks when streaming or stopping
     on strings), then stop strings and streaming callbacks on the host."""
 
-    def __init__(self, model, params, sampler, dtype, stop_at_eot, stop, max_new_tokens, seed):
+    def __init__(self, model, params, sampler, how, stop_at_eot, stop, max_new_tokens, seed):
         self.config, self.tokenizer = model.config, model.tokenizer
-        self.params, self.sampler, self.dtype = params, sampler, dtype
+        self.params, self.sampler = params, sampler
+        self.dtype, self.attention = how  # compute dtype, attention implementation
+        self.cache_dtype = kv_cache_dtype(self.dtype)
         self.stop_token = self.tokenizer.eot if stop_at_eot else -1
         self.stop, self.max_new_tokens, self.seed = stop, max_new_tokens, seed
 
@@ -333,8 +343,8 @@ class _Decoder:
         last = (P - 1 + budget).astype(np.int32)  # the last slot each row may fill
         keys = row_keys(self.seed, [i for i, _ in rows], [j for _, j in rows])
         state, _ = decoding.prefill_jit(
-            cfg, self.params, jnp.asarray(ids), jnp.asarray(pad), jnp.asarray(last), keys,
-            self.sampler, self.stop_token, S, self.dtype,
+            cfg, self.params, *jax.device_put((ids, pad, last)), keys, self.sampler,
+            self.stop_token, S, self.dtype, self.attention, self.cache_dtype,
         )  # fmt: skip
         streams = [
             _Stream(self.tokenizer, self.stop, self.stop_token, self.max_new_tokens) for _ in rows
@@ -356,6 +366,7 @@ class _Decoder:
             state = decoding.decode_jit(
                 cfg, self.params, state.replace(done=jnp.asarray(done)),
                 min(int(index) + chunk, int(last.max())), self.sampler, self.stop_token, self.dtype,
+                self.attention,
             )  # fmt: skip
 
 

@@ -12,6 +12,7 @@ Layout (written atomically, :mod:`gpt2jax.store.atomic`)::
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import shutil
@@ -131,11 +132,17 @@ def save_params(params_dir: str, params: Any) -> None:
     import orbax.checkpoint as ocp
 
     handlers = ocp.type_handlers
+    # Older orbax (0.11.24, of the jax 0.7.2 that Colab ships) has neither option: it copies
+    # host arrays (a save holds them twice) and does not compress.
     registry = handlers.create_type_handler_registry(
-        (np.ndarray, handlers.NumpyHandler(deepcopy_host_arrays=False)),
+        (np.ndarray, handlers.NumpyHandler(**_accepted(handlers.NumpyHandler,
+                                                       deepcopy_host_arrays=False))),
         (jax.Array, handlers.ArrayHandler()),
+    )  # fmt: skip
+    handler = ocp.PyTreeCheckpointHandler(
+        type_handler_registry=registry,
+        **_accepted(ocp.PyTreeCheckpointHandler, use_compression=False),
     )
-    handler = ocp.PyTreeCheckpointHandler(use_compression=False, type_handler_registry=registry)
 
     def save() -> None:
         with ocp.Checkpointer(handler) as ckptr:
@@ -168,6 +175,12 @@ def interruptible(work: Any) -> None:
         worker.join(0.1)
     if failure:
         raise failure[0]
+
+
+def _accepted(cls: Any, **options: Any) -> dict[str, Any]:
+    """The ``options`` that ``cls`` (of the installed orbax version) takes."""
+    parameters = inspect.signature(cls).parameters
+    return {k: v for k, v in options.items() if k in parameters}
 
 
 def read_meta(path: str | os.PathLike) -> dict[str, Any]:

@@ -13,6 +13,8 @@ import math
 import os
 from typing import Any
 
+import jax.numpy as jnp
+
 from gpt2jax.errors import DataError
 from gpt2jax.train.batches import eval_windows
 from gpt2jax.train.data import check_vocab, load_tokens
@@ -31,21 +33,31 @@ def evaluate(
     cache_dir: str | os.PathLike | None = None,
     show_progress: bool = True,
     allow_changed_base: bool = False,
+    compute_dtype: str = "float32",
+    attention: str = "auto",
 ) -> dict[str, Any]:
     """``{"loss", "perplexity", "tokens"}`` of the model at ``model_path`` on ``data``.
 
     ``seq_len`` defaults to the model's context (at most 1024); ``batch_size`` windows are
     evaluated at a time, over all local devices (rounded up to a multiple of their number).
     ``allow_changed_base``: see :func:`gpt2jax.loader.load`.
+    ``compute_dtype`` (``"auto"``: the device's, :mod:`gpt2jax.device`) and ``attention``
+    choose how the model computes; the loss is float32 whatever they are.
     """
+    from gpt2jax.device import resolve_compute_dtype
+    from gpt2jax.dtypes import dtype
     from gpt2jax.loader import load
     from gpt2jax.store.sizes import resolve_model
 
     check_number("--batch-size", batch_size, low=1, integer=True)
     if seq_len is not None:  # given: checked, never replaced (0 is not "the default")
         check_number("--seq-len", seq_len, low=1, integer=True)
-    # a size name ("124M") means the download cache
-    model = load(resolve_model(model_path), allow_changed_base=allow_changed_base)
+    model = load(  # a size name ("124M") means the download cache
+        resolve_model(model_path),
+        allow_changed_base=allow_changed_base,
+        compute_dtype=dtype(resolve_compute_dtype(compute_dtype)),
+        attention=attention,
+    )
     config = model.config
     seq_len = seq_len if seq_len is not None else min(1024, config.n_ctx)
     check_number("--seq-len", seq_len, low=1, high=config.n_ctx, integer=True,
@@ -70,4 +82,5 @@ def evaluate(
         "perplexity": math.exp(min(loss, 700.0)),
         "tokens": int(count),
         "seq_len": seq_len,
+        "compute_dtype": jnp.dtype(model.compute_dtype).name,
     }

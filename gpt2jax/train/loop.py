@@ -27,9 +27,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gpt2jax import device
 from gpt2jax.config import GPT2Config, get_preset
 from gpt2jax.errors import ConfigError, DataError, Gpt2JaxError
 from gpt2jax.loader import Pretrained, base_record, describe, load, run_base_params
+from gpt2jax.loss_scale import LossScale
 from gpt2jax.model import init_params
 from gpt2jax.progress import progress_bar
 from gpt2jax.store import runs
@@ -188,6 +190,10 @@ def _prepare(
         # recorded, so that a resume keeps the lr's horizon
         if train.schedule.schedule_steps is None:
             train = train.replace(schedule_steps=train.schedule.steps)
+        # "auto" becomes this device's dtype, recorded so that a resume computes the same way
+        train = train.replace(
+            compute_dtype=device.resolve_compute_dtype(train.memory_settings.compute_dtype)
+        )
     run = _Run(out, config, train, tokenizer, cache_dir, show_progress, allow_changed_base)
     if not resume:  # only once the data and settings have proved usable
         create = lambda: runs.create_run(out, config, train, tokenizer_dir, base=base)  # noqa: E731
@@ -273,7 +279,9 @@ def _starting_model(
         config = get_preset(train.source.init)
         return config, None, Tokenizer.default(), None  # params: drawn from the seed later
     source = describe(train.source.model)
-    model = load(source, allow_changed_base=allow_changed_base)
+    # FSDP shards the model over the devices from host memory: it may not fit on one device
+    where = jax.devices("cpu")[0] if train.memory_settings.parallel == "fsdp" else None
+    model = load(source, allow_changed_base=allow_changed_base, device=where)
     has_files = source.tokenizer is not None and source.tokenizer[0] == "encoder.json"
     return model.config, model.params, model.tokenizer, source.path if has_files else None
 
@@ -327,6 +335,7 @@ class _Run:
         self._setup_data(cache_dir)
         self._setup_model()
         self.skipped = 0
+        self.overflows = 0  # float16 updates the loss scaler skipped
         self.loss: float | None = None
         self.val_loss: float | None = None
 
@@ -415,6 +424,15 @@ class _Run:
             )  # fmt: skip
 
         self.recipe, evaluation = recipe(t.update.dropout), recipe(0.0)
+        ms = t.memory_settings
+        self.loss_scaling = device.needs_loss_scaling(ms.compute_dtype)
+        here = device.describe()
+        log.info(
+            "%s (%d x %s): computing in %s%s with %s parameters; attention %s",
+            here.platform, here.count, here.kind, ms.compute_dtype,
+            " with dynamic loss scaling" if self.loss_scaling else "", ms.param_dtype,
+            _attention_choice(t, self.recipe.model),
+        )  # fmt: skip
         self.eval_model, self.tx = evaluation.model, self.recipe.tx
         # One device in all: nothing to average, and the all-reduce would write the gradients
         # into a second full-size buffer (measured: +0.9 GB at 355M), so no collective at all.
@@ -443,8 +461,9 @@ class _Run:
         t, d, b = self.train, self.dp.num_devices, self.per_device
         trained, frozen = self.recipe.abstract_params()
         state = jax.eval_shape(
-            lambda p, f: TrainState.create(p, self.tx, 0, frozen=f), trained, frozen
-        )
+            lambda p, f: TrainState.create(p, self.tx, 0, frozen=f, loss_scale=self._scaler()),
+            trained, frozen,
+        )  # fmt: skip
         batch = jax.ShapeDtypeStruct((d, t.dataset.grad_accum, b, t.dataset.seq_len + 1), jnp.int32)
         self.p_train_step = self.p_train_step.lower(state, batch).compile()
         windows = jax.ShapeDtypeStruct((d, b, t.dataset.seq_len + 1), jnp.int32)
@@ -474,7 +493,8 @@ class _Run:
 
         def create(params: Any) -> TrainState:
             trained, frozen = recipe.split(params, t.run.seed)
-            return TrainState.create(trained, tx, t.run.seed, frozen=frozen)
+            return TrainState.create(trained, tx, t.run.seed, frozen=frozen,
+                                     loss_scale=self._scaler())  # fmt: skip
 
         if params is None and t.source.init is not None:  # random weights, drawn on the devices
             return self.dp.init(lambda: create(init_params(self.config, t.run.seed)))
@@ -517,10 +537,17 @@ class _Run:
             opt_state=opt_state,
             rng=np.asarray(meta["rng"], np.uint32),
             frozen=frozen,
+            loss_scale=self._scaler(meta.get("loss_scale")),
         )
         self.state = self.dp.init(lambda s: s, state, donate=True)
         log.info("resuming %s from step %d", self.out, step)
         return step
+
+    def _scaler(self, saved: dict | None = None) -> LossScale | None:
+        """float16's loss scale: a new one, or the one a checkpoint saved; None without."""
+        if not self.loss_scaling:
+            return None
+        return LossScale.create(**saved) if saved else LossScale.create()
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -606,6 +633,9 @@ class _Run:
             log.info("loss curve: %s", os.path.join(self.out, runs.PLOT))
         if self.skipped:
             log.warning("%d update(s) with a non-finite loss were skipped", self.skipped)
+        if self.overflows:
+            log.info("%d update(s) skipped by the float16 loss scaler (gradient overflow, "
+                     "the scale lowered)", self.overflows)  # fmt: skip
         return FinetuneResult(self.out, done, self.loss, self.val_loss, interrupted, self.skipped)
 
     def _record(self, step: int, step_metrics: dict[str, jax.Array]) -> None:
@@ -626,6 +656,11 @@ class _Run:
             "elapsed": round(now - self.started, 3),
         }
         finite = bool(m["finite"])
+        if "loss_scale" in m:
+            record["loss_scale"] = float(m["loss_scale"])
+        if bool(m.get("overflow", False)) and finite:  # skipped by the loss scaler
+            self.overflows += 1
+            record["skipped"] = True
         if finite:
             self.loss = loss
         elif self.train.update.skip_nonfinite:
@@ -672,6 +707,7 @@ class _Run:
             path=self.out,
             kind="run",
             compute_dtype=self.eval_model.dtype,
+            attention=t.memory_settings.attention,
         )
         text = generate(
             model,
@@ -710,9 +746,11 @@ class _Run:
             params, opt_state = self.dp.checkpoint_view(tree)
         else:
             params, opt_state = jax.device_get(tree)
+        scaler = self.state.loss_scale
         meta = {
             "step": step,
             "rng": np.asarray(self.state.rng.addressable_shards[0].data).tolist(),
+            "loss_scale": None if scaler is None else scaler.to_json(),
             "data": self.sampler.state(step),
             "data_key": self.data_key,
             "loss": self.loss,
@@ -722,6 +760,18 @@ class _Run:
         if on_cpu:
             self.ckpts.wait()
         self.last_saved = step
+
+
+def _attention_choice(train: TrainConfig, model: Any) -> str:
+    """What the attention setting means for this run's training step (``gpt2jax.attention``)."""
+    from gpt2jax.attention import choose
+
+    name, seq_len = train.memory_settings.attention, train.dataset.seq_len
+    chosen = choose(
+        name, dtype=model.dtype, queries=seq_len, keys=seq_len, causal_only=True, cached=False,
+        dropout=train.update.dropout > 0,
+    )  # fmt: skip
+    return chosen if name == chosen else f"{name}: {chosen}"
 
 
 def _due(step: int, every: int) -> bool:

@@ -10,7 +10,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from gpt2jax.dtypes import TRAINING
+from gpt2jax.attention import IMPLEMENTATIONS
+from gpt2jax.dtypes import COMPUTE, TRAINING
 from gpt2jax.errors import ConfigError
 from gpt2jax.model import REMAT_POLICIES
 from gpt2jax.validate import check_number
@@ -77,8 +78,10 @@ class MemorySettings:
 
     ==================  =======================================================================
     ``remat``           ``none`` / ``dots`` / ``block`` (:class:`gpt2jax.model.GPT2`)
-    ``compute_dtype``   what matmuls run in; LayerNorm statistics, softmax, logits and the loss
-                        stay float32
+    ``compute_dtype``   what matmuls run in (``auto``: the device's, :mod:`gpt2jax.device`;
+                        float16 trains with loss scaling); LayerNorm statistics, softmax,
+                        logits and the loss stay float32
+    ``attention``       the attention implementation (:mod:`gpt2jax.attention`)
     ``param_dtype``     what the parameters are stored in (bfloat16: stochastic rounding of
                         every update, :mod:`gpt2jax.train.layerwise`; with LoRA, the frozen
                         base's dtype)
@@ -94,7 +97,8 @@ class MemorySettings:
     """
 
     remat: str = "none"
-    compute_dtype: str = "float32"
+    # "auto": the device's (gpt2jax.device.default_compute_dtype), resolved when a run starts
+    compute_dtype: str = "auto"
     param_dtype: str = "float32"
     optimizer: str = "adamw"
     opt_state_dtype: str = "float32"
@@ -103,6 +107,7 @@ class MemorySettings:
     lora_alpha: float | None = None
     freeze: str | None = None
     parallel: str = "data"
+    attention: str = "auto"
 
     def validate(self) -> None:
         """Raises :class:`ConfigError` naming the flag of an impossible setting."""
@@ -110,7 +115,8 @@ class MemorySettings:
 
         choices = {
             "remat": REMAT_POLICIES,
-            "compute_dtype": TRAINING,
+            "compute_dtype": COMPUTE,
+            "attention": IMPLEMENTATIONS,
             "param_dtype": TRAINING,
             "opt_state_dtype": TRAINING,
             "optimizer": OPTIMIZERS,
@@ -225,6 +231,7 @@ class TrainConfig:
         "keep",
         "skip_nonfinite",
         "report_to",
+        "attention",  # the same maths on another device's kernel
     )
 
     def __init__(self, **flat: Any) -> None:

@@ -21,6 +21,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from gpt2jax.errors import ConfigError
+from gpt2jax.loss_scale import LossScale, all_finite
 from gpt2jax.model import GPT2
 from gpt2jax.progress import progress_bar
 from gpt2jax.train.layerwise import LayerwiseState, apply_optimizer
@@ -42,9 +43,13 @@ class TrainState(flax.struct.PyTreeNode):
     opt_state: Any
     rng: jax.Array  # (4,) uint32: the dropout key's data ("rbg"), fixed for the whole run
     frozen: Any = None  # parameters the loss reads but never trains (LoRA's base model)
+    #: float16 training's dynamic loss scale (:mod:`gpt2jax.loss_scale`); None: no scaling
+    loss_scale: LossScale | None = None
 
     @classmethod
-    def create(cls, params: Any, tx: Any, seed: int, frozen: Any = None) -> TrainState:
+    def create(
+        cls, params: Any, tx: Any, seed: int, frozen: Any = None, loss_scale: Any = None
+    ) -> TrainState:
         params = jax.tree.map(jnp.asarray, params)
         return cls(
             step=jnp.zeros((), jnp.int32),
@@ -52,6 +57,7 @@ class TrainState(flax.struct.PyTreeNode):
             opt_state=tx.init(params),
             rng=jax.random.key_data(jax.random.key(seed, impl=DROPOUT_PRNG)),
             frozen=None if frozen is None else jax.tree.map(jnp.asarray, frozen),
+            loss_scale=loss_scale,
         )
 
 
@@ -110,9 +116,13 @@ def make_train_step(
             training only: it differentiates ``state.params`` as the model's own tree) instead of
             adding each micro-batch's whole gradient to a running sum.
 
+    With a ``state.loss_scale`` (float16 training) the loss is multiplied by the scale before
+    differentiating and the gradients divided by it; an update whose gradients overflow is
+    skipped (``metrics["overflow"]``) and the scale adjusted (:mod:`gpt2jax.loss_scale`).
+
     Returns ``train_step(state, batch (A, b, T + 1) int32) -> (state, metrics)`` with metrics
     ``loss`` (mean over the global batch), ``grad_norm`` (before clipping), ``finite`` and, given
-    the ``schedule``, ``lr``.
+    the ``schedule``, ``lr``; with loss scaling also ``overflow`` and ``loss_scale``.
     """
     use_dropout = model.config.dropout > 0
     if loss_fn is None:
@@ -120,6 +130,8 @@ def make_train_step(
 
     def train_step(state: TrainState, batch: jax.Array) -> tuple[TrainState, Metrics]:
         accum = batch.shape[0]
+        scaler = state.loss_scale
+        factor = 1.0 if scaler is None else scaler.scale  # what the loss is multiplied by
         key = None
         if use_dropout:
             key = jax.random.wrap_key_data(state.rng, impl=DROPOUT_PRNG)
@@ -129,9 +141,13 @@ def make_train_step(
 
         def loss_and_grads(windows: jax.Array, micro: jax.Array) -> tuple[jax.Array, Any]:
             rng = None if key is None else jax.random.fold_in(key, micro)
-            return jax.value_and_grad(lambda p: loss_fn(p, windows, rng, state.frozen).mean())(
-                state.params
-            )
+
+            def objective(p: Any) -> tuple[jax.Array, jax.Array]:
+                loss = loss_fn(p, windows, rng, state.frozen).mean()
+                return loss * factor, loss
+
+            (_, loss), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+            return loss, grads
 
         if accum == 1:
             loss, grads = loss_and_grads(batch[0], jnp.int32(0))
@@ -141,12 +157,13 @@ def make_train_step(
                 loss_sum, acc = carry
                 windows, micro = xs
                 rng = None if key is None else jax.random.fold_in(key, micro)
-                loss, acc = accumulate(state.params, acc, windows, 1.0 / accum, rng)
+                loss, acc = accumulate(state.params, acc, windows, factor / accum, rng)
                 return (loss_sum + loss, acc), None
 
             zeros = jax.tree.map(jnp.zeros_like, state.params)
             init = (jnp.zeros((), jnp.float32), zeros)
             (loss, grads), _ = jax.lax.scan(body, init, (batch, jnp.arange(accum)))
+            loss = loss / factor
         else:
 
             def body(carry, xs):
@@ -160,17 +177,27 @@ def make_train_step(
             loss, grads = loss / accum, jax.tree.map(lambda g: g / accum, grads)
         if axis_name is not None:
             loss, grads = jax.lax.pmean((loss, grads), axis_name)
+        if scaler is not None:
+            grads = scaler.unscale(grads)
 
         grad_norm = optax.tree.norm(grads)
         params, opt_state = apply_optimizer(tx, grads, state.opt_state, state.params)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        if skip_nonfinite:
+        applied = finite
+        metrics = {}
+        if scaler is not None:  # an overflow is the scaler's business, not the run's
+            metrics["overflow"] = ~all_finite(grads)
+            metrics["loss_scale"] = scaler.scale
+            finite = jnp.isfinite(loss)
+            applied = finite & ~metrics["overflow"]
+            state = state.replace(loss_scale=scaler.adjust(~metrics["overflow"]))
+        if skip_nonfinite or scaler is not None:
             params, opt_state = jax.tree.map(
-                lambda new, old: jnp.where(finite, new, old),
+                lambda new, old: jnp.where(applied, new, old),
                 (params, opt_state),
                 (state.params, state.opt_state),
             )
-        metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite}
+        metrics.update(loss=loss, grad_norm=grad_norm, finite=finite)
         if schedule is not None:
             # The optimizer evaluates its schedule at its own count of applied updates, which
             # skipped updates do not advance (state.step does). A plain optax tx keeps its count
@@ -178,7 +205,8 @@ def make_train_step(
             opt = state.opt_state
             count = opt.count if isinstance(opt, LayerwiseState) else state.step
             lr = jnp.asarray(schedule(count), jnp.float32)
-            metrics["lr"] = jnp.where(finite, lr, 0.0) if skip_nonfinite else lr
+            skipping = skip_nonfinite or scaler is not None
+            metrics["lr"] = jnp.where(applied, lr, 0.0) if skipping else lr
         state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
         return state, metrics
 

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gpt2jax.model import GPT2, Block, LayerNorm, causal_mask, embed, lm_head
+from gpt2jax.model import GPT2, Block, LayerNorm, embed, lm_head
 from gpt2jax.train.loss import chunked_token_losses
 
 #: ``accumulate(params, acc, windows (b, T + 1), weight, rng) -> (weighted loss, acc + weight *
@@ -49,8 +49,7 @@ def make_accumulate(model: GPT2, loss_chunk: int = 0) -> Accumulate:
         inputs, targets = windows[:, :-1], windows[:, 1:]  # (b, T) each
         b, T = inputs.shape
         positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (b, T))
-        allowed = causal_mask(b, T, T)  # (b, T, T)
-        block = Block(cfg, dtype, pdt, deterministic=rng is None)
+        block = Block(cfg, dtype, pdt, deterministic=rng is None, attention=model.attention)
 
         def embedding(wte: jax.Array, wpe: jax.Array) -> jax.Array:  # (b, T, C)
             x = embed(wte, wpe, inputs, positions, dtype)
@@ -61,7 +60,7 @@ def make_accumulate(model: GPT2, loss_chunk: int = 0) -> Accumulate:
 
         def layer(p: Any, x: jax.Array, i: jax.Array) -> jax.Array:
             rngs = None if rng is None else {"dropout": jax.random.fold_in(rng, i)}
-            y, _ = block.apply({"params": p}, x, None, allowed, 0, rngs=rngs)
+            y, _ = block.apply({"params": p}, x, None, None, 0, rngs=rngs)  # causal mask
             return y
 
         def head(x: jax.Array, ln_f: Any, wte: jax.Array) -> jax.Array:

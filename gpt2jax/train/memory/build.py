@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gpt2jax import lora
+from gpt2jax import device, lora
 from gpt2jax.config import GPT2Config
 from gpt2jax.dtypes import dtype
 from gpt2jax.model import GPT2, param_shapes
@@ -86,9 +86,10 @@ def build(
     settings.validate()
     model = GPT2(
         config,
-        dtype=dtype(settings.compute_dtype),
+        dtype=dtype(device.resolve_compute_dtype(settings.compute_dtype)),
         param_dtype=dtype(settings.param_dtype),
         remat=settings.remat,
+        attention=settings.attention,
     )
     base = make_optimizer(
         settings.optimizer,

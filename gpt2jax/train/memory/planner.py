@@ -21,7 +21,9 @@ import numpy as np
 import optax
 
 from gpt2jax.config import GPT2Config
+from gpt2jax.device import needs_loss_scaling, resolve_compute_dtype
 from gpt2jax.errors import ConfigError
+from gpt2jax.loss_scale import LossScale
 from gpt2jax.store.runs import save_concurrent_gb
 from gpt2jax.train.memory.build import build
 from gpt2jax.train.settings import MemorySettings
@@ -91,9 +93,14 @@ def approximate_settings(s: MemorySettings) -> list[str]:
     out = []
     if s.optimizer != "adamw":
         out.append(f"optimizer {s.optimizer}")
-    for name in ("compute_dtype", "param_dtype", "opt_state_dtype"):
-        if getattr(s, name) != "float32":
-            out.append(f"{name.replace('_', '-')} {getattr(s, name)}")
+    dtypes = {
+        "compute_dtype": resolve_compute_dtype(s.compute_dtype),  # "auto": this device's
+        "param_dtype": s.param_dtype,
+        "opt_state_dtype": s.opt_state_dtype,
+    }
+    for name, dtype in dtypes.items():
+        if dtype != "float32":
+            out.append(f"{name.replace('_', '-')} {dtype}")
     if s.lora_rank:
         out.append(f"lora-rank {s.lora_rank}")
     if s.freeze:
@@ -292,9 +299,13 @@ class Planner:
             accumulate=recipe.accumulate,
         )  # fmt: skip
         trained, frozen = recipe.abstract_params()
+        scaling = needs_loss_scaling(resolve_compute_dtype(c.settings.compute_dtype))
         state = jax.eval_shape(
-            lambda p, f: TrainState.create(p, recipe.tx, 0, frozen=f), trained, frozen
-        )
+            lambda p, f: TrainState.create(
+                p, recipe.tx, 0, frozen=f, loss_scale=LossScale.create() if scaling else None
+            ),
+            trained, frozen,
+        )  # fmt: skip
         T1 = self.seq_len + 1
         if self.fsdp is not None:
             batch = jax.ShapeDtypeStruct(
@@ -361,7 +372,8 @@ class Planner:
         from gpt2jax.train.step import make_eval_step
 
         s = c.settings
-        key = (c.micro_batch, s.loss_chunk, s.compute_dtype, s.param_dtype, s.lora_rank)
+        key = (c.micro_batch, s.loss_chunk, s.compute_dtype, s.param_dtype, s.lora_rank,
+               s.attention)  # fmt: skip
         if key not in self._eval_temp:
             recipe = build(self.config, s, optax.constant_schedule(1e-4))
             params = recipe.abstract_params()

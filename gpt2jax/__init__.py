@@ -5,7 +5,6 @@ Public API (every name in ``__all__`` is documented; README.md is the user guide
     import gpt2jax
     m = gpt2jax.load("ckpt/124M")                 # or an OpenAI checkpoint directory
     logits = m.logits(m.encode("Hello world"))    # (T, 50257) float32; params on the device
-    gpt2jax.enable_compile_cache("~/jax-cache")  # compiled programs kept between processes
     gpt2jax.GPT2(m.config).apply({"params": m.params}, ids)   # the plain Flax module
 
 The rest lives in the subpackages (ARCHITECTURE.md): e.g. :func:`gpt2jax.train.loop.finetune`,

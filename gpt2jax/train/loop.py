@@ -746,7 +746,9 @@ class _Run:
             params, opt_state = self.dp.checkpoint_view(tree)
         else:
             params, opt_state = jax.device_get(tree)
-        scaler = self.state.loss_scale
+        scaler = self.state.loss_scale  # replicated: this process's first copy
+        if scaler is not None:
+            scaler = jax.tree.map(lambda x: np.asarray(x.addressable_shards[0].data), scaler)
         meta = {
             "step": step,
             "rng": np.asarray(self.state.rng.addressable_shards[0].data).tolist(),

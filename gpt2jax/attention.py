@@ -25,10 +25,10 @@ Array = jax.Array
 
 IMPLEMENTATIONS = ("auto", "xla", "blockwise", "cudnn", "splash")
 #: Queries per tile of the blockwise attention.
-BLOCK_Q = 512
-#: Score elements per head in one tile (BLOCK_Q x 512): decoding, with one query, takes the
-#: whole cache in one tile.
-TILE = 512 * 512
+BLOCK_Q = 256
+#: Score elements per head in one tile (BLOCK_Q x 256): decoding, with one query, takes the
+#: whole cache in one tile. At 1024 tokens a tile is 1/16 of the (T, T) matrix.
+TILE = 256 * 256
 MASKED = -1e10  # what OpenAI's code writes into masked scores
 
 
@@ -111,9 +111,9 @@ def attend(
       on any backend. It materialises the ``(B, H, T, S)`` scores and probabilities, and is
       the only one with attention dropout.
     * ``blockwise``: the same maths in tiles of queries x keys with an online softmax
-      (running maximum and sum, as in FlashAttention), in pure JAX with a custom gradient
-      that recomputes each tile: no ``(T, S)`` matrix of all heads ever exists, and tiles
-      above the causal diagonal are skipped.
+      (running maximum and sum, as in FlashAttention), in pure JAX: ``lax.fori_loop`` over
+      query blocks and key chunks, with a custom gradient that recomputes each tile the same
+      way. One tile's scores exist at a time, and tiles above the causal diagonal are skipped.
     * ``cudnn``: ``jax.nn.dot_product_attention(implementation="cudnn")``, cuDNN's fused
       flash attention (NVIDIA GPUs of compute capability 8.0 or newer, bfloat16/float16).
     * ``splash``: Pallas' splash attention for TPUs (causal, sequence a multiple of 128); on
@@ -193,91 +193,104 @@ def _fused_dot_product(q, keys, values, mask, implementation):
 # -- blockwise ---------------------------------------------------------------------------------
 
 
-def _tiles(
-    T: int, sizes: tuple[int, ...], causal: bool, bq: int, bk: int
-) -> list[tuple[int, int, list]]:
-    """``[(q0, q1, [(segment, k0, k1), ...]), ...]``: the query blocks and, for each, the key
-    chunks it needs (``k0, k1`` within the segment). With ``causal`` (one segment, the mask
-    within the causal one) chunks wholly above the diagonal are left out."""
-    out = []
-    for q0 in range(0, T, bq):
-        q1 = min(q0 + bq, T)
-        chunks = []
-        for i, S in enumerate(sizes):
-            for k0 in range(0, S, bk):
-                if causal and k0 > q1 - 1:
-                    break
-                chunks.append((i, k0, min(k0 + bk, S)))
-        out.append((q0, q1, chunks))
-    return out
-
-
-def _tile_scores(q_blk, k_tile, mask, tile, causal_only):
-    """Masked float32 scores ``(B, H, tq, tk)`` of one tile."""
-    q0, q1, seg_offset, k0, k1 = tile
-    D = q_blk.shape[-1]
-    s = jnp.einsum("bhtd,bhsd->bhts", q_blk, k_tile, preferred_element_type=jnp.float32)
-    s = s / D**0.5
-    if causal_only:
-        if k1 - 1 > q0:  # the tile crosses the diagonal
-            s = jnp.where(_causal(q1 - q0, k1 - k0, q0, k0)[None, None], s, MASKED)
-        return s
-    m = mask[:, q0:q1, seg_offset + k0 : seg_offset + k1]
-    return jnp.where(m[:, None], s, MASKED)
+def _pad_to(x: Array, axis: int, size: int, value: Any = 0) -> Array:
+    """``x`` padded with ``value`` at the end of ``axis`` to ``size``."""
+    extra = size - x.shape[axis]
+    if extra == 0:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, extra)
+    return jnp.pad(x, widths, constant_values=value)
 
 
 def blockwise(
     q: Array, keys: tuple[Array, ...], values: tuple[Array, ...], mask: Array | None
 ) -> Array:
-    """Attention in tiles with an online softmax (see the module docstring).
+    """Attention in tiles with an online softmax (see :func:`attend`).
 
     ``mask`` None means causal over one segment of ``T`` keys; a mask over a single segment
     of ``T`` keys is taken to lie within the causal one (the tiles above the diagonal are
-    skipped), as every mask :class:`gpt2jax.model.GPT2` builds without a cache does.
+    skipped), as every mask :class:`gpt2jax.model.GPT2` builds without a cache does. Queries
+    are padded to whole blocks and each key segment to whole chunks (padded keys masked out).
     """
     sizes = tuple(k.shape[2] for k in keys)
     T = q.shape[2]
     causal = len(keys) == 1 and sizes[0] == T
     bq = min(T, BLOCK_Q)
-    fn = _blockwise_fn(T, sizes, causal, mask is None, bq, max(TILE // bq, 1))
-    return fn(q, keys, values, mask)
+    chunks = tuple(min(S, max(TILE // bq, 1)) for S in sizes)
+    fn = _blockwise_fn(causal, mask is None, bq, chunks)
+    n_q = -(-T // bq)
+    padded = tuple(-(-S // c) * c for S, c in zip(sizes, chunks, strict=True))
+    keys = tuple(_pad_to(k, 2, P) for k, P in zip(keys, padded, strict=True))
+    values = tuple(_pad_to(v, 2, P) for v, P in zip(values, padded, strict=True))
+    if mask is not None:
+        bounds = np.cumsum((0, *sizes)).tolist()
+        parts = [mask[:, :, a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+        mask = tuple(_pad_to(_pad_to(m, 2, P, False), 1, n_q * bq, False)
+                     for m, P in zip(parts, padded, strict=True))  # fmt: skip
+    y = fn(_pad_to(q, 2, n_q * bq), keys, values, mask)
+    return y[:, :, :T]
 
 
 @functools.cache
-def _blockwise_fn(
-    T: int, sizes: tuple[int, ...], causal: bool, causal_only: bool, bq: int, bk: int
-):
-    tiles = _tiles(T, sizes, causal, bq, bk)
-    offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).tolist()
+def _blockwise_fn(causal: bool, causal_only: bool, bq: int, chunks: tuple[int, ...]):
+    """The blockwise attention of padded inputs (``mask``: one ``(B, Tq, S_i)`` bool per
+    segment, or None), with its custom gradient. Queries go through ``lax.fori_loop`` in
+    blocks of ``bq`` and, within a block, each segment's keys in chunks of ``chunks[i]``: one
+    tile's scores exist at a time. With ``causal`` only the chunks a block can see are run."""
+    f32 = jnp.float32
+    slice_ = jax.lax.dynamic_slice_in_dim
 
-    def tile_list(q0, q1, chunks):
-        return [((q0, q1, offsets[i], k0, k1), i) for i, k0, k1 in chunks]
+    def n_chunks(i, q0, keys):
+        """How many chunks of segment ``i`` the query block at ``q0`` attends to."""
+        total = keys[i].shape[2] // chunks[i]
+        if not causal:
+            return total
+        return jnp.minimum((q0 + bq - 1) // chunks[i] + 1, total)
+
+    def scores(q_blk, k_tile, mask, i, q0, k0):
+        """Masked float32 scores ``(B, H, bq, chunk)`` of one tile."""
+        D = q_blk.shape[-1]
+        s = jnp.einsum("bhtd,bhsd->bhts", q_blk, k_tile, preferred_element_type=f32) / D**0.5
+        if causal_only:
+            keep = _causal(bq, chunks[i], q0, k0)[None]
+        else:
+            keep = jax.lax.dynamic_slice(mask[i], (0, q0, k0), (mask[i].shape[0], bq, chunks[i]))
+        return jnp.where(keep[:, None], s, MASKED)
 
     def forward(q, keys, values, mask):
-        outs, lses = [], []
-        for q0, q1, chunks in tiles:
-            q_blk = q[:, :, q0:q1]
-            B, H, tq, D = q_blk.shape
-            m = jnp.full((B, H, tq), -jnp.inf, jnp.float32)
-            l = jnp.zeros((B, H, tq), jnp.float32)
-            acc = jnp.zeros((B, H, tq, values[0].shape[-1]), jnp.float32)
-            for tile, i in tile_list(q0, q1, chunks):
-                k0, k1 = tile[3], tile[4]
-                s = _tile_scores(q_blk, keys[i][:, :, k0:k1], mask, tile, causal_only)
-                m_new = jnp.maximum(m, s.max(-1))
-                p = jnp.exp(s - m_new[..., None])
-                corr = jnp.exp(m - m_new)
-                v_tile = values[i][:, :, k0:k1]
-                pv = jnp.einsum(
-                    "bhts,bhsd->bhtd", p.astype(v_tile.dtype), v_tile,
-                    preferred_element_type=jnp.float32,
-                )  # fmt: skip
-                l = l * corr + p.sum(-1)
-                acc = acc * corr[..., None] + pv
-                m = m_new
-            outs.append((acc / l[..., None]).astype(q.dtype))
-            lses.append(m + jnp.log(l))
-        return jnp.concatenate(outs, axis=2), jnp.concatenate(lses, axis=2)
+        B, H, Tq, _ = q.shape
+        Dv = values[0].shape[-1]
+
+        def q_block(b, carry):
+            out, lse = carry
+            q0 = b * bq
+            q_blk = slice_(q, q0, bq, axis=2)
+            m = jnp.full((B, H, bq), -jnp.inf, f32)
+            state = (m, jnp.zeros((B, H, bq), f32), jnp.zeros((B, H, bq, Dv), f32))
+            for i in range(len(keys)):
+
+                def k_chunk(c, state, i=i):
+                    m, l, acc = state
+                    k0 = c * chunks[i]
+                    s = scores(q_blk, slice_(keys[i], k0, chunks[i], 2), mask, i, q0, k0)
+                    v_tile = slice_(values[i], k0, chunks[i], 2)
+                    m_new = jnp.maximum(m, s.max(-1))
+                    p = jnp.exp(s - m_new[..., None])
+                    corr = jnp.exp(m - m_new)
+                    pv = jnp.einsum("bhts,bhsd->bhtd", p.astype(v_tile.dtype), v_tile,
+                                    preferred_element_type=f32)  # fmt: skip
+                    return m_new, l * corr + p.sum(-1), acc * corr[..., None] + pv
+
+                state = jax.lax.fori_loop(0, n_chunks(i, q0, keys), k_chunk, state)
+            m, l, acc = state
+            out = jax.lax.dynamic_update_slice_in_dim(
+                out, (acc / l[..., None]).astype(q.dtype), q0, 2
+            )
+            return out, jax.lax.dynamic_update_slice_in_dim(lse, m + jnp.log(l), q0, 2)
+
+        init = (jnp.zeros((B, H, Tq, Dv), q.dtype), jnp.zeros((B, H, Tq), f32))
+        return jax.lax.fori_loop(0, Tq // bq, q_block, init)
 
     @jax.custom_vjp
     def fn(q, keys, values, mask):
@@ -289,54 +302,60 @@ def _blockwise_fn(
 
     def bwd(res, d_out):
         q, keys, values, mask, out, lse = res
-        f32 = jnp.float32
-        delta = (d_out.astype(f32) * out.astype(f32)).sum(-1)  # (B, H, T)
-        dk: dict = {}
-        dv: dict = {}
-        dq = []
         D = q.shape[-1]
-        for q0, q1, chunks in tiles:
-            q_blk, do = q[:, :, q0:q1], d_out[:, :, q0:q1]
-            lse_blk, delta_blk = lse[:, :, q0:q1], delta[:, :, q0:q1]
+        delta = (d_out.astype(f32) * out.astype(f32)).sum(-1)  # (B, H, Tq)
+
+        def q_block(b, carry):
+            dq, dks, dvs = carry
+            q0 = b * bq
+            q_blk, do = slice_(q, q0, bq, 2), slice_(d_out, q0, bq, 2)
+            lse_blk, delta_blk = slice_(lse, q0, bq, 2), slice_(delta, q0, bq, 2)
             dq_blk = jnp.zeros(q_blk.shape, f32)
-            for tile, i in tile_list(q0, q1, chunks):
-                k0, k1 = tile[3], tile[4]
-                k_tile, v_tile = keys[i][:, :, k0:k1], values[i][:, :, k0:k1]
-                s = _tile_scores(q_blk, k_tile, mask, tile, causal_only)
-                p = jnp.exp(s - lse_blk[..., None])  # the forward's probabilities
-                dv_t = jnp.einsum(
-                    "bhts,bhtd->bhsd", p.astype(do.dtype), do, preferred_element_type=f32
+            dks, dvs = list(dks), list(dvs)
+            for i in range(len(keys)):
+
+                def k_chunk(c, state, i=i):
+                    dq_blk, dk, dv = state
+                    k0 = c * chunks[i]
+                    k_tile, v_tile = (
+                        slice_(keys[i], k0, chunks[i], 2),
+                        slice_(values[i], k0, chunks[i], 2),
+                    )
+                    s = scores(q_blk, k_tile, mask, i, q0, k0)
+                    p = jnp.exp(s - lse_blk[..., None])  # the forward's probabilities
+                    dv_t = jnp.einsum("bhts,bhtd->bhsd", p.astype(do.dtype), do,
+                                      preferred_element_type=f32)  # fmt: skip
+                    dp = jnp.einsum("bhtd,bhsd->bhts", do, v_tile.astype(do.dtype),
+                                    preferred_element_type=f32)  # fmt: skip
+                    ds = p * (dp - delta_blk[..., None])
+                    # masked scores are constants (where), so they pass no gradient on
+                    ds = (jnp.where(s > MASKED / 2, ds, 0.0) / D**0.5).astype(q.dtype)
+                    dq_blk = dq_blk + jnp.einsum("bhts,bhsd->bhtd", ds, k_tile,
+                                                 preferred_element_type=f32)  # fmt: skip
+                    dk_t = jnp.einsum("bhts,bhtd->bhsd", ds, q_blk, preferred_element_type=f32)
+                    dk = jax.lax.dynamic_update_slice_in_dim(
+                        dk, slice_(dk, k0, chunks[i], 2) + dk_t, k0, 2
+                    )
+                    dv = jax.lax.dynamic_update_slice_in_dim(
+                        dv, slice_(dv, k0, chunks[i], 2) + dv_t, k0, 2
+                    )
+                    return dq_blk, dk, dv
+
+                dq_blk, dks[i], dvs[i] = jax.lax.fori_loop(
+                    0, n_chunks(i, q0, keys), k_chunk, (dq_blk, dks[i], dvs[i])
                 )
-                dp = jnp.einsum("bhtd,bhsd->bhts", do, v_tile.astype(do.dtype),
-                                preferred_element_type=f32)  # fmt: skip
-                ds = p * (dp - delta_blk[..., None])
-                # masked scores are constants (where), so they pass no gradient on
-                ds = jnp.where(s > MASKED / 2, ds, 0.0) / D**0.5
-                ds = ds.astype(q.dtype)
-                dq_blk = dq_blk + jnp.einsum(
-                    "bhts,bhsd->bhtd", ds, k_tile, preferred_element_type=f32
-                )
-                dk_t = jnp.einsum("bhts,bhtd->bhsd", ds, q_blk, preferred_element_type=f32)
-                key = (i, k0)
-                dk[key] = dk_t if key not in dk else dk[key] + dk_t
-                dv[key] = dv_t if key not in dv else dv[key] + dv_t
-            dq.append(dq_blk)
+            dq = jax.lax.dynamic_update_slice_in_dim(dq, dq_blk.astype(q.dtype), q0, 2)
+            return dq, tuple(dks), tuple(dvs)
 
-        def gather(grads, arrays):
-            result = []
-            for i, a in enumerate(arrays):
-                parts = [
-                    grads.get((i, k0), jnp.zeros((*a.shape[:2], k1 - k0, a.shape[3]), f32))
-                    for k0, k1 in _chunks(a.shape[2])
-                ]
-                result.append(jnp.concatenate(parts, axis=2).astype(a.dtype))
-            return tuple(result)
-
-        dq = jnp.concatenate(dq, axis=2).astype(q.dtype)
-        return dq, gather(dk, keys), gather(dv, values), None  # the mask has no gradient
-
-    def _chunks(S: int) -> list[tuple[int, int]]:
-        return [(k0, min(k0 + bk, S)) for k0 in range(0, S, bk)]
+        init = (
+            jnp.zeros(q.shape, q.dtype),
+            tuple(jnp.zeros(k.shape, f32) for k in keys),
+            tuple(jnp.zeros(v.shape, f32) for v in values),
+        )
+        dq, dks, dvs = jax.lax.fori_loop(0, q.shape[2] // bq, q_block, init)
+        dks = tuple(g.astype(k.dtype) for g, k in zip(dks, keys, strict=True))
+        dvs = tuple(g.astype(v.dtype) for g, v in zip(dvs, values, strict=True))
+        return dq, dks, dvs, None  # the mask has no gradient
 
     fn.defvjp(fwd, bwd)
     return fn

@@ -1,4 +1,4 @@
-"""Benchmark: gpt2jax on whatever accelerator JAX sees, in one table (about 8 minutes on an H200).
+"""Benchmark: gpt2jax on whatever accelerator JAX sees, in one table.
 
 Rows, all with the library's default settings for the device (compute dtype, attention, KV
 cache dtype: what ``gpt2jax info`` prints), random weights (no download):

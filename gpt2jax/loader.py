@@ -131,22 +131,25 @@ class Pretrained:
         """Next-token logits, float32: ``(T, V)`` for ids ``(T,)``, ``(B, T, V)`` for ``(B, T)``."""
         # the ids are the only upload (explicit); the params are on the device already
         ids = ids if isinstance(ids, jax.Array) else jax.device_put(np.asarray(ids, np.int32))
-        ids = ids.astype(jnp.int32)
         if ids.ndim not in (1, 2) or ids.shape[-1] == 0:
             raise Gpt2JaxError(f"logits expects token ids of shape (T,) or (B, T), got {ids.shape}")
         if ids.shape[-1] > self.config.n_ctx:
             raise Gpt2JaxError(
                 f"{ids.shape[-1]} tokens exceed the model's context of {self.config.n_ctx}"
             )
-        fn = _logits_fn(self.config, self.compute_dtype, self.attention)
-        out = fn(self.params, jnp.atleast_2d(ids))
-        return out[0] if ids.ndim == 1 else out
+        return _logits_fn(self.config, self.compute_dtype, self.attention)(self.params, ids)
 
 
 @functools.cache
 def _logits_fn(config: GPT2Config, dtype: Any, attention: str):
     model = GPT2(config, dtype=dtype, attention=attention)
-    return jax.jit(lambda params, ids: model.apply({"params": params}, ids))
+
+    def logits(params, ids):
+        # the cast, reshape and indexing compiled too: eager indexing uploads its index (jax 0.7)
+        out = model.apply({"params": params}, jnp.atleast_2d(ids.astype(jnp.int32)))
+        return out[0] if ids.ndim == 1 else out
+
+    return jax.jit(logits)
 
 
 def load(

@@ -233,8 +233,9 @@ def test_enable_compile_cache_fills_the_directory(tmp_path) -> None:
         "jax.jit(lambda x: jnp.sin(x) * 2)(jnp.ones(3)).block_until_ready()\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    # cwd: outside the checkout, so that the installed package is imported where one is tested
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                         check=True)  # fmt: skip
+                         cwd=tmp_path, check=True)  # fmt: skip
     assert out.stdout.strip() == str(tmp_path / "jax")
     assert any((tmp_path / "jax").iterdir())
     assert device.enable_compile_cache() is None or os.environ.get("JAX_COMPILATION_CACHE_DIR")

@@ -13,6 +13,10 @@ attention (12 heads of 64, batch 1, float32), the issue's measure of the blockwi
 
     python scripts/bench_attention_memory.py                  # 1024 and 2048 tokens (minutes)
     python scripts/bench_attention_memory.py --seq-len 256 --layers 2   # quick look
+    python scripts/bench_attention_memory.py --speed --seq-len 1024     # time, not memory
+
+``--speed`` instead runs the attention-alone forward and gradient, the implementations
+interleaved, and prints each one's median time and its ratio to ``xla``'s.
 """
 
 from __future__ import annotations
@@ -28,7 +32,11 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, nargs="+", default=[1024, 2048])
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--implementations", nargs="+", default=["xla", "blockwise"])
+    parser.add_argument("--speed", action="store_true", help="time the attention instead")
+    parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
+    if args.speed:
+        return speed(args.seq_len, args.implementations, args.repeats)
 
     import jax
 
@@ -86,6 +94,39 @@ def attention_temporaries(impl: str, seq: int) -> int:
 
     compiled = jax.jit(jax.grad(loss, (0, 1, 2))).lower(q, q, q).compile()
     return compiled.memory_analysis().temp_size_in_bytes
+
+
+def speed(seq_lens: list[int], implementations: list[str], repeats: int) -> None:
+    """Median time of the attention's forward and gradient per implementation, interleaved."""
+    import time
+
+    import jax
+
+    from gpt2jax import attention
+
+    print(f"jax {jax.__version__}, backend {jax.default_backend()}; attention alone, 12 heads "
+          f"of 64, batch 1, float32, forward + gradient, median of {repeats}")  # fmt: skip
+    for seq in seq_lens:
+        q, k, v = (jax.random.normal(key, (1, 12, seq, 64))
+                   for key in jax.random.split(jax.random.PRNGKey(0), 3))  # fmt: skip
+        fns = {}
+        for impl in implementations:
+
+            def loss(q, k, v, impl=impl):
+                return attention.attend(q, (k,), (v,), None, implementation=impl).sum()
+
+            fns[impl] = jax.jit(jax.grad(loss, (0, 1, 2)))
+            jax.block_until_ready(fns[impl](q, k, v))  # compiled outside the timing
+        times: dict[str, list[float]] = {impl: [] for impl in implementations}
+        for _ in range(repeats):
+            for impl, fn in fns.items():
+                start = time.perf_counter()
+                jax.block_until_ready(fn(q, k, v))
+                times[impl].append(time.perf_counter() - start)
+        median = {impl: sorted(t)[len(t) // 2] for impl, t in times.items()}
+        for impl, t in median.items():
+            ratio = f"{t / median['xla']:.2f}x xla" if "xla" in median else ""
+            print(f"{seq:>5} {impl:<10} {t * 1000:>8.0f} ms  {ratio}", flush=True)
 
 
 if __name__ == "__main__":

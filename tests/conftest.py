@@ -23,6 +23,23 @@ os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED / "tiktoken-cache"))
 TINY = GPT2Config(n_vocab=97, n_ctx=23, n_embd=30, n_head=5, n_layer=3)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _compile_cache(tmp_path_factory):
+    """One persistent XLA compile cache for the session, shared with the CLI processes the
+    tests start (through ``JAX_COMPILATION_CACHE_DIR``): dozens of tests compile the same tiny
+    train step, and a cached program is the same program, so results are unchanged."""
+    import jax
+
+    directory = str(tmp_path_factory.mktemp("jax-cache"))
+    patch = pytest.MonkeyPatch()
+    patch.setenv("JAX_COMPILATION_CACHE_DIR", directory)
+    old = jax.config.jax_compilation_cache_dir
+    jax.config.update("jax_compilation_cache_dir", directory)
+    yield directory
+    jax.config.update("jax_compilation_cache_dir", old)
+    patch.undo()
+
+
 @pytest.fixture
 def tiny_config() -> GPT2Config:
     return TINY

@@ -655,7 +655,7 @@ def header(budget: int) -> str:
     return (
         f"budget {format_bytes(budget)}, of which {format_bytes(limit)} for the whole run "
         f"(the rest is reserve); peak = runtime + the largest of a step (arguments + outputs + "
-        f"temporaries - aliased, compiled), an evaluation and a sample, per device\n"
+        f"temporaries - aliased, compiled), an evaluation, a sample and a save, per device\n"
         f"{'configuration':<58} {'maths':<6} {'peak':>10}  {'verdict':<7}  why"
     )
 

@@ -201,6 +201,9 @@ def run_cmd(cmd: list[str], env: dict[str, str], log_path: str) -> str:
 
 
 _EVAL_LOCK = threading.Lock()
+# Progress lines go here: an evaluation redirects sys.stderr (process-wide) while it runs, and a
+# row finishing in another thread meanwhile would print into that evaluation's log.
+_PROGRESS = sys.stderr
 
 
 def eval_loss(model: str, data: str, seq_len: int, log_path: str) -> float:
@@ -268,7 +271,7 @@ def run_row(name: str, args: argparse.Namespace, paths: dict[str, str], work: st
         if "error" in row
         else (f"new {row['new_loss']:.4f}, old {row['old_loss']:.4f}")
     )
-    print(f"[{name}] {status} ({row['seconds']:.0f} s)", file=sys.stderr, flush=True)
+    print(f"[{name}] {status} ({row['seconds']:.0f} s)", file=_PROGRESS, flush=True)
     return row
 
 
@@ -356,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{len(args.rows)} rows: {args.steps} steps x {args.batch_size} windows x "
         f"{args.seq_len} tokens, lr {args.lr:g}, warmup {args.warmup}, seed {args.seed}; "
         f"work dir {work}",
-        file=sys.stderr,
+        file=_PROGRESS,
         flush=True,
     )
     t0 = time.perf_counter()
@@ -369,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
             for text in ("new", "old")
         }  # fmt: skip
         print(f"[pretrained] new {base['new_loss']:.4f}, old {base['old_loss']:.4f}",
-              file=sys.stderr, flush=True)  # fmt: skip
+              file=_PROGRESS, flush=True)  # fmt: skip
         with concurrent.futures.ThreadPoolExecutor(max(1, args.jobs)) as pool:
             rows = list(pool.map(lambda name: run_row(name, args, paths, work), args.rows))
     finally:

@@ -7,9 +7,9 @@ the measured peak must be within 15% of the whole-run figure the plan printed be
 The run is the kind ``--memory`` picks for the big models, Adafactor (the planner's
 substitution) with the step the largest phase: 67M parameters (1 GB of state, gradients and
 activations at 8 x 64 tokens), so that the state, not the Python runtime, decides the figure.
-Where a checkpoint save is the largest phase instead (AdamW, a small batch), no estimate is
-within 15% every time: a save costs 0.5-1.4x the state on top of it, varying from run to run
-(``scripts/bench_save.py``, BENCHMARKS.md); the plan counts 1x.
+Where a checkpoint save is the largest phase instead (AdamW, a small batch), the figure rests
+on the save's cost, which the plan counts as the state again (measured 0.9x at this size,
+``scripts/bench_save.py``, BENCHMARKS.md).
 """
 
 from __future__ import annotations

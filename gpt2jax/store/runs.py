@@ -263,8 +263,8 @@ class Checkpoints:
         )
         # About one array being written at a time (orbax refuses an array larger than its
         # limit, which is in whole GB). It does not bound the save's memory: TensorStore keeps
-        # copies and compressed chunks until the save is done, measured 0.5-1.4x the state on
-        # the CPU (scripts/bench_save.py; gpt2jax.train.memory.planner counts 1x).
+        # copies and compressed chunks until the save is done, measured 0.9x the state on the
+        # CPU (scripts/bench_save.py, BENCHMARKS.md; gpt2jax.train.memory.planner counts 1x).
         limit = save_concurrent_gb(largest_leaf)
         arrays = lambda: ocp.StandardCheckpointHandler(  # noqa: E731
             save_concurrent_gb=limit, restore_concurrent_gb=limit

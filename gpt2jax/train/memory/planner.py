@@ -360,8 +360,8 @@ class Planner:
         if self._runtime is None:  # now that the compiler has run
             self._runtime = runtime_bytes()
         # A save on the CPU: orbax / TensorStore hold copies and compressed chunks of what they
-        # write until the save is done, whatever save_concurrent_gb says: measured 0.5-1.4x
-        # the state (scripts/bench_save.py, BENCHMARKS.md), counted as 1x. On an accelerator
+        # write until the save is done, whatever save_concurrent_gb says: measured 0.9x the
+        # state at 67M (scripts/bench_save.py, BENCHMARKS.md), counted as 1x. On an accelerator
         # the state is copied to host memory, which the budget does not cover.
         writing = state_bytes if jax.default_backend() == "cpu" else 0
         if self.fsdp is None and self.n_devices > 1:  # the all-reduce's copy of the gradients

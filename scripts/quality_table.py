@@ -19,11 +19,14 @@ FSDP over 8 host devices; their losses must equal the reference's up to float ro
 parameters or optimizer state, LoRA, freezing; their new-text loss must be no more than 2%
 above the reference's, and their forgetting no more than the reference's plus 2 percentage
 points). A lower loss or less forgetting than the reference is always within target.
+Adafactor runs twice: at the rate ``finetune`` gives it (``--lr`` over the starting weights'
+RMS, :func:`gpt2jax.train.optim.adafactor_scale`) and at ``--lr`` itself (``--adafactor-lr``).
 
 The defaults (60 updates of 8 windows of 128 tokens, lr 1e-3 with cosine decay after 6 warmup
 updates, seed 0) take the new text's held-out loss from 8.23 to 6.41 nats per token while the
-old text's rises from 4.54 to 5.36. The 12 rows need about half an hour of CPU time: about
-15 minutes with ``--jobs 2`` on two idle cores.
+old text's rises from 4.54 to 5.36. The 13 rows need about half an hour of CPU time: about
+15 minutes with ``--jobs 2`` on two idle cores. ``--also NAME=FLAGS`` adds rows (learning-rate
+sweeps: BENCHMARKS.md lists the ones behind the defaults).
 
 Usage::
 
@@ -62,6 +65,8 @@ SHARED = os.path.join(os.path.dirname(ROOT), "shared")
 ROWS: tuple[tuple[str, bool, tuple[str, ...], dict[str, str]], ...] = (
     ("reference", True, ("--optimizer", "adamw"), {}),
     ("adafactor", False, ("--optimizer", "adafactor"), {}),
+    # transformers' Adafactor given AdamW's rate as its own: what --lr meant before the rule
+    ("adafactor-same-lr", False, ("--optimizer", "adafactor", "--adafactor-lr", "{lr}"), {}),
     ("compute-bf16", False, ("--compute-dtype", "bfloat16"), {}),
     ("param-bf16", False, ("--param-dtype", "bfloat16"), {}),
     ("opt-state-bf16", False, ("--opt-state-dtype", "bfloat16"), {}),
@@ -102,6 +107,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="held-out tail of each text (0.1: the tail pretrain_small.py held out)",
     )
     p.add_argument("--rows", nargs="+", choices=ROW_NAMES, help="rows to run (default: all)")
+    p.add_argument(
+        "--also",
+        action="append",
+        default=[],
+        metavar="NAME=FLAGS",
+        help="one more approximate row: NAME and its `gpt2jax finetune` flags (e.g. "
+        "'adafactor-lr1e-2=--optimizer adafactor --lr 1e-2'; later flags override the common "
+        "ones); repeatable, for learning-rate sweeps",
+    )
     p.add_argument("--steps", type=int, help="fine-tuning updates (default: 60; --quick: 3)")
     p.add_argument("--batch-size", type=int, default=8, help="global batch (a multiple of 8)")
     p.add_argument("--seq-len", type=int, help="window length (default: 128; --quick: 32)")
@@ -130,6 +144,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if "reference" not in args.rows:
         args.rows.insert(0, "reference")
     args.rows = [r for r in ROW_NAMES if r in args.rows]  # table order, reference first
+    args.extra_rows = {}
+    for spec in args.also:
+        name, sep, flags = spec.partition("=")
+        if not sep or not name or name in ROW_NAMES or name in args.extra_rows:
+            p.error(f"--also {spec!r}: give NAME=FLAGS with a new NAME")
+        args.extra_rows[name] = (name, False, tuple(flags.split()), {})
+    args.rows += list(args.extra_rows)
     if args.batch_size % 8:
         p.error("--batch-size must be a multiple of 8 (the FSDP row shards it over 8 devices)")
     return args
@@ -180,26 +201,19 @@ def run_cmd(cmd: list[str], env: dict[str, str], log_path: str) -> str:
 
 
 _EVAL_LOCK = threading.Lock()
+# Progress lines go here: an evaluation redirects sys.stderr (process-wide) while it runs, and a
+# row finishing in another thread meanwhile would print into that evaluation's log.
+_PROGRESS = sys.stderr
 
 
-def eval_loss(
-    model: str, data: str, seq_len: int, log_path: str, env: dict[str, str] | None = None
-) -> float:
-    """The loss of ``gpt2jax eval MODEL --data DATA --seq-len SEQ_LEN --json``.
-
-    Without ``env`` the command runs in this process (its entry point,
-    :func:`gpt2jax.cli.main.main`, one at a time): a new interpreter per evaluation would spend
-    more time importing JAX than evaluating. With ``env``, in a child process with that
-    environment: a run that trained on 8 host devices (FSDP) saved its checkpoint sharded over
-    them, and orbax restores such a checkpoint only where there are as many devices (with one it
-    refuses: "Topology mismatch").
-    """
-    argv = ["eval", model, "--data", data, "--seq-len", str(seq_len), "--json"]
-    if env is not None:
-        text = run_cmd(gpt2jax_cmd(*argv), env, log_path)
-        return float(json.loads(text[text.index("{") :])["loss"])
+def eval_loss(model: str, data: str, seq_len: int, log_path: str) -> float:
+    """The loss of ``gpt2jax eval MODEL --data DATA --seq-len SEQ_LEN --json``, run in this
+    process (its entry point, :func:`gpt2jax.cli.main.main`, one at a time): a new interpreter per
+    evaluation would spend more time importing JAX than evaluating. One device reads every
+    run, the FSDP run's sharded checkpoint too (:func:`gpt2jax.store.runs.restore_params`)."""
     from gpt2jax.cli.main import main as gpt2jax_main
 
+    argv = ["eval", model, "--data", data, "--seq-len", str(seq_len), "--json"]
     out, err = io.StringIO(), io.StringIO()
     with _EVAL_LOCK, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         rc = gpt2jax_main(argv)
@@ -223,7 +237,8 @@ def child_env(work: str, extra: dict[str, str]) -> dict[str, str]:
 
 def run_row(name: str, args: argparse.Namespace, paths: dict[str, str], work: str) -> dict:
     """Fine-tunes and evaluates one row; ``{"option", ..., "error"}``."""
-    _, exact, flags, extra = next(r for r in ROWS if r[0] == name)
+    _, exact, flags, extra = args.extra_rows.get(name) or next(r for r in ROWS if r[0] == name)
+    flags = tuple(f.format(lr=args.lr) for f in flags)
     row: dict[str, Any] = {"option": name, "exact": exact, "flags": " ".join(flags)}
     env = child_env(work, extra)
     run_dir = os.path.join(work, "runs", name)
@@ -247,9 +262,7 @@ def run_row(name: str, args: argparse.Namespace, paths: dict[str, str], work: st
         run_cmd(cmd, env, os.path.join(logs, f"{name}.finetune.log"))
         for key, text in (("new_loss", "new"), ("old_loss", "old")):
             log = os.path.join(logs, f"{name}.{text}.log")
-            row[key] = eval_loss(
-                run_dir, paths[f"{text}_val"], args.seq_len, log, env if extra else None
-            )
+            row[key] = eval_loss(run_dir, paths[f"{text}_val"], args.seq_len, log)
     except (RuntimeError, OSError, ValueError) as e:
         row["error"] = str(e)
     row["seconds"] = round(time.perf_counter() - t0, 1)
@@ -258,7 +271,7 @@ def run_row(name: str, args: argparse.Namespace, paths: dict[str, str], work: st
         if "error" in row
         else (f"new {row['new_loss']:.4f}, old {row['old_loss']:.4f}")
     )
-    print(f"[{name}] {status} ({row['seconds']:.0f} s)", file=sys.stderr, flush=True)
+    print(f"[{name}] {status} ({row['seconds']:.0f} s)", file=_PROGRESS, flush=True)
     return row
 
 
@@ -346,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{len(args.rows)} rows: {args.steps} steps x {args.batch_size} windows x "
         f"{args.seq_len} tokens, lr {args.lr:g}, warmup {args.warmup}, seed {args.seed}; "
         f"work dir {work}",
-        file=sys.stderr,
+        file=_PROGRESS,
         flush=True,
     )
     t0 = time.perf_counter()
@@ -359,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
             for text in ("new", "old")
         }  # fmt: skip
         print(f"[pretrained] new {base['new_loss']:.4f}, old {base['old_loss']:.4f}",
-              file=sys.stderr, flush=True)  # fmt: skip
+              file=_PROGRESS, flush=True)  # fmt: skip
         with concurrent.futures.ThreadPoolExecutor(max(1, args.jobs)) as pool:
             rows = list(pool.map(lambda name: run_row(name, args, paths, work), args.rows))
     finally:

@@ -15,6 +15,7 @@ from gpt2jax.cli import main as cli
 from gpt2jax.convert import mapping
 from gpt2jax.lora import TARGETS
 from gpt2jax.train.loop import finetune
+from gpt2jax.train.optim import adafactor_scale
 from gpt2jax.train.settings import TrainConfig
 
 TINY_MODEL = str(FIXTURES / "openai_tiny")  # n_vocab 50257, n_ctx 29, n_embd 12, 2 layers
@@ -91,6 +92,32 @@ def test_lean_settings_learn(tmp_path, text):
     assert len(losses) == 8 and losses[-1] < losses[0]
 
 
+@pytest.mark.slow  # three short runs: ~70 s on 2 shared cores
+def test_adafactor_runs_at_lr_over_the_weights_rms_recorded_for_resume(tmp_path, text):
+    """``--lr`` is AdamW's: Adafactor's own peak rate is ``--lr / adafactor_scale`` of the
+    starting weights, applied (the logged lr), recorded in run.json and kept by a resume;
+    ``--adafactor-lr`` sets it directly."""
+    lr = 3e-2
+    finetune(tmp_path / "a", config(text, optimizer="adafactor", steps=2, save_every=2))
+    expected = lr / adafactor_scale(gpt2jax.load(TINY_MODEL).params)
+    assert expected > 2 * lr  # the tiny model's weights: RMS 0.3
+
+    def recorded(run) -> tuple[float, list[float]]:
+        train = json.loads((run / "run.json").read_text())["train"]
+        assert train["lr"] == lr
+        lines = (run / "metrics.jsonl").read_text().splitlines()
+        return train["adafactor_lr"], [r["lr"] for r in map(json.loads, lines) if "loss" in r]
+
+    own, logged = recorded(tmp_path / "a")
+    assert own == pytest.approx(expected, rel=1e-6)
+    assert logged == pytest.approx([expected] * 2, rel=1e-6)  # constant schedule
+    finetune(tmp_path / "a", resume=True, overrides={"steps": 3})
+    assert recorded(tmp_path / "a")[1] == pytest.approx([expected] * 3, rel=1e-6)
+    train = config(text, optimizer="adafactor", adafactor_lr=1e-3, steps=1, save_every=1)
+    finetune(tmp_path / "b", train)
+    assert recorded(tmp_path / "b") == (1e-3, [pytest.approx(1e-3)])
+
+
 def test_memory_flag_plans_and_records_the_settings(tmp_path, text, capsys):
     # On the CPU the budget covers the whole (pytest) process: a generous one.
     args = [
@@ -112,6 +139,7 @@ def test_bad_memory_settings_are_one_line_errors(tmp_path, text, capsys):
         (["--freeze", "top:9"], "--freeze top:N"),
         (["--lora-rank", "2", "--freeze", "embeddings"], "exclude each other"),
         (["--optimizer", "adafactor", "--opt-state-dtype", "bfloat16"], "adafactor"),
+        (["--adafactor-lr", "1e-3"], "--adafactor-lr applies to --optimizer adafactor"),
         (["--memory", "10MB"], "no configuration fits"),
     ]:
         assert cli.main(base + flags) == 1

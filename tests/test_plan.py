@@ -132,6 +132,25 @@ def test_search_approximates_only_when_nothing_exact_fits():
     assert "APPROXIMATE" in chosen_line(row, MemorySettings())
 
 
+def test_search_skips_leaner_optimizer_states_that_cannot_make_up_the_difference():
+    """Without remat, 4 windows of activations (4 GiB here) exceed the budget whatever the
+    optimizer: once AdamW's step was compiled, Adafactor's and bfloat16 state's are ruled out
+    by it (the state they save is less than the excess) without compiling them; the choice is
+    the one a search compiling everything makes (the fastest that fits)."""
+    fake = FakePlanner()
+    chosen, rows = search(fake, MemorySettings(), 5 * GiB, 4)
+    skipped = [r for r in rows if "not compiled" in r.why]
+    assert skipped and all(r.peak is None and not r.fits for r in skipped)
+    for r in skipped:
+        assert r.candidate not in fake.compiled
+        assert fake.predict(r.candidate)[0] > usable_bytes(5 * GiB)  # truly too big
+    fits = [
+        c for c in candidates(MemorySettings(), 4, 1) if fake.predict(c)[0] <= usable_bytes(5 * GiB)
+    ]
+    key = lambda c: (len(approximations(c, MemorySettings())), expected_cost(c, 1024, 1))  # noqa: E731
+    assert chosen == min(fits, key=key)
+
+
 def test_search_gives_up_early_and_halves_an_unset_batch():
     fake = FakePlanner()
     chosen, rows = search(fake, MemorySettings(), 3 * GiB, 8)

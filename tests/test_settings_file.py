@@ -44,8 +44,9 @@ def _toml_value(v) -> str:
 EVERY_FLAG = {
     "model": "some/model", "data": ["a.txt", "b.txt"], "out": "runs/x", "resume": "runs/y",
     "init": "124M", "val_data": ["v.txt"], "steps": 7, "schedule_steps": 9, "batch_size": 4,
-    "grad_accum": 2, "seq_len": 16, "lr": 0.003, "warmup": 2, "weight_decay": 0.1, "clip": 0.5,
-    "dropout": 0.1, "seed": 5, "eval_every": 3, "eval_batches": 2, "sample_every": 4,
+    "grad_accum": 2, "seq_len": 16, "lr": 0.003, "adafactor_lr": 0.02, "warmup": 2,
+    "weight_decay": 0.1, "clip": 0.5, "dropout": 0.1, "seed": 5, "eval_every": 3,
+    "eval_batches": 2, "sample_every": 4,
     "sample_length": 5, "sample_prompt": "Hi", "save_every": 6, "keep": 1,
     "val_fraction": 0.1, "column": "body", "field": "content", "schedule": "linear",
     "optimizer": "sgd", "compute_dtype": "bfloat16", "remat": "block",

@@ -18,7 +18,8 @@ import pytest
 from conftest import ROOT, TINY, hf_model, random_params
 from gpt2jax.convert import mapping
 from gpt2jax.model import GPT2
-from gpt2jax.train.optim import decay_mask, learning_rate_schedule, make_optimizer
+from gpt2jax.train.layerwise import Layerwise
+from gpt2jax.train.optim import adafactor_scale, decay_mask, learning_rate_schedule, make_optimizer
 from gpt2jax.train.step import TrainState, make_train_step, token_losses
 
 LR, BETAS, EPS, WD = 1e-3, (0.9, 0.999), 1e-8, 0.1
@@ -323,6 +324,48 @@ def test_every_optimizer_decays_only_masked_leaves(name):
     decayed = mapping.flatten(decay_mask(params))
     assert moved == decayed, name
     assert all(jnp.isfinite(u).all() for u in jax.tree.leaves(updates))
+
+
+def test_adafactor_scale_is_the_rms_of_its_relative_steps():
+    """Per tensor as Adafactor sees it (each layer of ``h``), floored at 1e-3, size-weighted;
+    frozen leaves and layers left out."""
+    params = {
+        "wte": np.full((5, 4), 2.0, np.float32),  # 20 numbers at RMS 2
+        "h": {"w": np.stack([np.full((3, 2), 0.5), np.zeros((3, 2))]).astype(np.float32)},
+    }  # layer 0: 6 numbers at RMS 0.5; layer 1: 6 at 0, floored to 1e-3
+    expected = np.sqrt((20 * 4.0 + 6 * 0.25 + 6 * 1e-6) / 32)
+    assert adafactor_scale(params) == pytest.approx(expected, rel=1e-6)
+    assert adafactor_scale(params, frozen=("wte",)) == pytest.approx(
+        np.sqrt((0.25 + 1e-6) / 2), rel=1e-6
+    )
+    only_0 = adafactor_scale(params, frozen=("wte",), trainable_layers=[True, False])
+    assert only_0 == pytest.approx(0.5, rel=1e-6)
+
+
+def test_adafactor_at_lr_over_its_scale_steps_as_far_as_adamw():
+    """The rule behind ``--lr`` for Adafactor: its first update at ``lr / adafactor_scale``
+    is as large in total (L2 norm) as AdamW's at ``lr``, on tensors of very different RMS."""
+    rng = np.random.default_rng(3)
+    shapes = {"wte": ((50, 16), 0.1), "wpe": ((8, 16), 0.02), "ln_f": {"g": ((16,), 1.0)}}
+    shapes["h"] = {"w": ((2, 16, 48), 0.05), "b": ((2, 48), 0.02)}
+    params = jax.tree.map(
+        lambda t: jnp.asarray(t[1] * rng.standard_normal(t[0]), jnp.float32),
+        shapes, is_leaf=lambda t: isinstance(t, tuple),
+    )  # fmt: skip
+    grads = jax.tree.map(lambda p: jnp.asarray(rng.standard_normal(p.shape), p.dtype), params)
+    lr = 1e-3
+
+    def first_update(name: str, rate: float) -> float:
+        tx = Layerwise(make_optimizer(name, lambda _: rate, weight_decay=0.0, clip=0.0))
+        new, _ = tx.apply(grads, tx.init(params), params)
+        return float(optax.tree.norm(jax.tree.map(jnp.subtract, new, params)))
+
+    adamw = first_update("adamw", lr)
+    numbers = sum(p.size for p in jax.tree.leaves(params))
+    assert adamw == pytest.approx(lr * np.sqrt(numbers), rel=1e-4)  # lr * sign(g) everywhere
+    scaled = first_update("adafactor", lr / adafactor_scale(params))
+    assert 0.95 * adamw <= scaled <= 1.001 * adamw, (scaled, adamw)  # measured: 1.000005
+    assert first_update("adafactor", lr) < 0.2 * adamw  # unscaled: 0.11 of AdamW's
 
 
 def test_clipping_scales_the_gradient_to_the_global_norm():

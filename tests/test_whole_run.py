@@ -2,9 +2,14 @@
 
 A subprocess runs ``gpt2jax finetune --memory ...`` (start-up, planning, steps, the end-of-run
 validation, sample and checkpoint) and its peak resident memory is read by ``/usr/bin/time``;
-the plan printed before training must not be exceeded by more than 15% (nor overstate it by
-more than 25%). The model is big enough (67M parameters, AdamW: 1.1 GB of state and gradients)
-that the state, not the Python runtime, decides the figure.
+the measured peak must be within 15% of the whole-run figure the plan printed before training.
+
+The run is the kind ``--memory`` picks for the big models, Adafactor (the planner's
+substitution) with the step the largest phase: 67M parameters (1 GB of state, gradients and
+activations at 8 x 64 tokens), so that the state, not the Python runtime, decides the figure.
+Where a checkpoint save is the largest phase instead (AdamW, a small batch), the figure rests
+on the save's cost, which the plan counts as the state again (measured 0.9x at this size,
+``scripts/bench_save.py``, BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -53,16 +58,15 @@ def test_whole_run_peak_is_within_15_percent_of_the_plan(tmp_path, model_dir):
     text.write_text((FIXTURES / "english.txt").read_text(encoding="utf-8") * 4, encoding="utf-8")
     args = [
         "finetune", model_dir, "--data", str(text), "--out", str(tmp_path / "run"),
-        "--memory", "8GB", "--batch-size", "2", "--seq-len", "64", "--steps", "2",
+        "--memory", "8GB", "--batch-size", "8", "--seq-len", "64", "--steps", "2",
         "--eval-every", "0", "--sample-every", "2", "--sample-length", "8",
-        "--optimizer", "adamw", "--remat", "none", "--loss-chunk", "0", "--grad-accum", "1",
+        "--optimizer", "adafactor", "--remat", "none", "--loss-chunk", "0", "--grad-accum", "1",
     ]  # fmt: skip
     code, log, peak = run_measured(args, tmp_path)
     assert code == 0, log
     m = re.search(r"whole run ([0-9.]+) GB", log)
     assert m, log
     planned = float(m.group(1)) * 1e9
-    # Never more than 15% above the plan; the plan may be conservative by up to 25% (its save
-    # term assumes orbax copies everything it has in flight, measured 12-20% high here).
-    assert peak <= 1.15 * planned, (peak / 1e9, planned / 1e9, log)
-    assert planned <= 1.25 * peak, (peak / 1e9, planned / 1e9, log)
+    print(f"measured peak {peak / 1e9:.3f} GB, planned {planned / 1e9:.3f} GB")
+    # Within 15% either way.
+    assert abs(peak / planned - 1) <= 0.15, (peak / 1e9, planned / 1e9, log)

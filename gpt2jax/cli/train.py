@@ -40,7 +40,20 @@ _TRAIN_FLAGS: tuple[tuple[str, str, type, str], ...] = (
     ("--batch-size", "batch_size", int, "windows per update, over all devices (global batch)"),
     ("--grad-accum", "grad_accum", int, "split each update into this many micro-batches"),
     ("--seq-len", "seq_len", int, "tokens per window (default: the model's context, <= 1024)"),
-    ("--lr", "lr", float, "peak learning rate"),
+    (
+        "--lr",
+        "lr",
+        float,
+        "peak learning rate, AdamW's (Adafactor, whose steps are lr x each matrix's RMS, gets "
+        "--lr / the RMS of the starting weights: steps as large as AdamW's)",
+    ),
+    (
+        "--adafactor-lr",
+        "adafactor_lr",
+        float,
+        "Adafactor's own peak rate (transformers' lr) instead of the one derived from --lr "
+        "(default: --lr / RMS of the starting weights)",
+    ),
     ("--warmup", "warmup", int, "linear warmup updates"),
     (
         "--weight-decay",

@@ -261,10 +261,10 @@ class Checkpoints:
             cleanup_tmp_directories=True,  # what a killed save left behind
             todelete_subdir=TRASH,
         )
-        # About one array in flight at a time: TensorStore copies what it writes, so a save
-        # then costs the largest leaf, not a second copy of the whole state
-        # (gpt2jax.train.memory.planner counts it). orbax refuses an array larger than its limit,
-        # which is in whole GB.
+        # About one array being written at a time (orbax refuses an array larger than its
+        # limit, which is in whole GB). It does not bound the save's memory: TensorStore keeps
+        # copies and compressed chunks until the save is done, measured 0.9x the state on the
+        # CPU (scripts/bench_save.py, BENCHMARKS.md; gpt2jax.train.memory.planner counts 1x).
         limit = save_concurrent_gb(largest_leaf)
         arrays = lambda: ocp.StandardCheckpointHandler(  # noqa: E731
             save_concurrent_gb=limit, restore_concurrent_gb=limit

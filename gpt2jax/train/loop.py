@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gpt2jax import device
+from gpt2jax import device, lora
 from gpt2jax.config import GPT2Config, get_preset
 from gpt2jax.errors import ConfigError, DataError, Gpt2JaxError
 from gpt2jax.loader import Pretrained, base_record, describe, load, run_base_params
@@ -41,8 +41,9 @@ from gpt2jax.train import cluster
 from gpt2jax.train.batches import Prefetcher, WindowSampler, eval_windows, spread
 from gpt2jax.train.data import check_vocab, load_tokens, split_tail
 from gpt2jax.train.memory.build import build
+from gpt2jax.train.memory.freeze import parse_freeze
 from gpt2jax.train.metrics import MetricsLog, plot_losses
-from gpt2jax.train.optim import learning_rate_schedule
+from gpt2jax.train.optim import adafactor_scale, learning_rate_schedule
 from gpt2jax.train.reporting import Reporters
 from gpt2jax.train.reporting import check_available as check_reporters
 from gpt2jax.train.settings import TrainConfig
@@ -187,6 +188,7 @@ def _prepare(
         model, lora_rank = train.source.model, train.memory_settings.lora_rank
         base = base_record(model, params) if lora_rank and model else None
         train = _resolve_seq_len(train, config)
+        train = _adafactor_lr(train, config, params)
         # recorded, so that a resume keeps the lr's horizon
         if train.schedule.schedule_steps is None:
             train = train.replace(schedule_steps=train.schedule.steps)
@@ -235,6 +237,34 @@ def _resolve_seq_len(train: TrainConfig, config: GPT2Config) -> TrainConfig:
     return train.replace(seq_len=seq_len)
 
 
+def _adafactor_lr(train: TrainConfig, config: GPT2Config, params: Any) -> TrainConfig:
+    """A new Adafactor run's own rate when ``--adafactor-lr`` was not given: ``--lr`` (AdamW's)
+    divided by :func:`gpt2jax.train.optim.adafactor_scale` of the weights it starts training
+    (with ``--init``, drawn here once to be measured), so that its steps are as large as
+    AdamW's. Logged before training, and recorded in ``run.json`` for resuming."""
+    m, u = train.memory_settings, train.update
+    if m.optimizer != "adafactor" or u.adafactor_lr is not None:
+        return train
+    freeze = parse_freeze(m.freeze, config)
+    if m.lora_rank:  # the adapters are what it trains (as the recipe draws them)
+        trained = lora.init_lora(config, m.lora_rank, train.run.seed)
+    else:
+        trained = params if params is not None else init_params(config, train.run.seed)
+    scale = adafactor_scale(
+        trained,
+        frozen=freeze.leaves if freeze else (),
+        trainable_layers=freeze.trainable_layers if freeze else None,
+    )
+    del trained
+    lr = u.lr / scale
+    log.info(
+        "adafactor: peak lr %.4g = --lr %.4g / %.4f, the RMS of the starting weights (its steps "
+        "are lr x each matrix's RMS: this makes them as large as AdamW's at --lr; "
+        "--adafactor-lr X sets it directly)", lr, u.lr, scale,
+    )  # fmt: skip
+    return train.replace(adafactor_lr=lr)
+
+
 def _resumed_settings(out: str, overrides: dict[str, Any]) -> tuple[GPT2Config, TrainConfig]:
     config, train = runs.read_run(out)
     runs.check_writable(out)  # before the data and the compiler take their time
@@ -249,6 +279,9 @@ def _resumed_settings(out: str, overrides: dict[str, Any]) -> tuple[GPT2Config, 
         # A run.json from before schedule_steps existed: its lr decayed over the steps it
         # records, which more --steps must not stretch either.
         train = train.replace(schedule_steps=train.schedule.steps)
+    if train.memory_settings.optimizer == "adafactor" and train.update.adafactor_lr is None:
+        # A run.json from before adafactor_lr existed: Adafactor was given --lr as it was.
+        train = train.replace(adafactor_lr=train.update.lr)
     if overrides:
         train = train.replace(**overrides)
         train.validate()
@@ -408,7 +441,7 @@ class _Run:
                 t.schedule.schedule, horizon, t.schedule.steps, horizon,
             )  # fmt: skip
         self.schedule = learning_rate_schedule(
-            t.update.lr, t.schedule.warmup, horizon, t.schedule.schedule
+            t.peak_lr(), t.schedule.warmup, horizon, t.schedule.schedule
         )
         settings = t.memory_settings
         extra = None

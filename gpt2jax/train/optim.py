@@ -4,16 +4,21 @@
 (``torch.optim.SGD`` with momentum), each after clipping to a global norm, with weight decay
 scaled by the learning rate and applied to the blocks' matmul weights only (:func:`make_optimizer`;
 the tests check all three against torch and transformers). Schedules: a linear warmup, then
-constant, cosine or linear decay (:func:`learning_rate_schedule`).
+constant, cosine or linear decay (:func:`learning_rate_schedule`). A run's ``--lr`` is AdamW's;
+Adafactor, whose steps are its rate times each tensor's RMS, is given ``--lr`` divided by
+:func:`adafactor_scale` of the starting weights, which makes its steps as large as AdamW's.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Collection
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from gpt2jax.errors import ConfigError
@@ -75,6 +80,55 @@ class AdafactorState(NamedTuple):
     full: Any  # per leaf the whole second moment (shape of the leaf) if unfactored; () otherwise
 
 
+#: Adafactor's floor on a tensor's RMS in its relative step (transformers' ``eps[1]``).
+ADAFACTOR_EPS2 = 1e-3
+
+
+def adafactor_scale(
+    params: Any,
+    *,
+    frozen: Collection[str] = (),
+    trainable_layers: Any = None,
+    eps2: float = ADAFACTOR_EPS2,
+) -> float:
+    """The RMS, over the numbers Adafactor trains, of its relative step ``max(eps2, RMS(W))``,
+    each tensor taken as Adafactor sees it: one layer's matrix of the stacked blocks ``h``
+    (:class:`gpt2jax.train.layerwise.Layerwise`), any other leaf whole. Adafactor at rate ``lr / s``
+    (``s`` this number) takes steps of the same total size as AdamW's at ``lr``.
+
+    Why: with ``scale_parameter=True`` Adafactor's step on a tensor is ``lr * max(eps2,
+    RMS(W))`` times an update whose RMS is at most 1, while AdamW's early steps (``m / sqrt(v)``
+    of consistent gradients) are about ``lr`` per number: at AdamW's rate it moves a GPT-2 weight
+    matrix (RMS 0.02-0.2) 5-50x less. :func:`make_optimizer` and :func:`scale_by_adafactor` take
+    Adafactor's own rate (transformers' ``lr``) and match transformers exactly for it.
+
+    ``params`` is the trained tree (host or device arrays: read one leaf at a time);
+    ``frozen`` top-level leaves and layers where ``trainable_layers`` is False are left out."""
+    squares, count = 0.0, 0
+    for name, leaf in params.items():
+        if name in frozen:
+            continue
+        stacked = name == "h"
+        for x in jax.tree.leaves(leaf):
+            ms = np.asarray(_mean_squares(x, stacked), np.float64).reshape(-1)  # per tensor
+            scale2 = np.maximum(eps2, np.sqrt(ms)) ** 2
+            if stacked and trainable_layers is not None:
+                scale2 = scale2[np.asarray(trainable_layers, bool)]
+            per_tensor = int(np.prod(np.shape(x))) // max(1, ms.size)
+            squares += float(scale2.sum()) * per_tensor
+            count += scale2.size * per_tensor
+    if count == 0:
+        raise ConfigError("adafactor has no parameters to train")
+    return math.sqrt(squares / count)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _mean_squares(x: jax.Array, stacked: bool) -> jax.Array:
+    """Mean of ``x**2`` per layer (axis 0) when ``stacked``, else over all of ``x``."""
+    x = jnp.asarray(x, jnp.float32)
+    return jnp.mean(jnp.square(x), axis=tuple(range(1 if stacked else 0, x.ndim)))
+
+
 def _rms(x: jax.Array) -> jax.Array:
     return jnp.sqrt(jnp.mean(jnp.square(x)))
 
@@ -86,7 +140,7 @@ def scale_by_adafactor(
     mask: Any = None,
     decay_rate: float = -0.8,
     clip_threshold: float = 1.0,
-    eps: tuple[float, float] = (1e-30, 1e-3),
+    eps: tuple[float, float] = (1e-30, ADAFACTOR_EPS2),
 ) -> optax.GradientTransformation:
     """Adafactor as ``transformers.optimization.Adafactor(lr=schedule(step),
     scale_parameter=True, relative_step=False, beta1=None, weight_decay=weight_decay)``, the

@@ -64,7 +64,10 @@ class UpdateSettings:
     """The optimizer's hyperparameters and the rest of what one update does. Which optimizer
     runs is a memory choice (:attr:`MemorySettings.optimizer`): ``--memory`` may pick it."""
 
-    lr: float = 1e-4
+    lr: float = 1e-4  # AdamW's peak rate; Adafactor gets its own, see adafactor_lr
+    # Adafactor's own peak rate (transformers' lr); None: a new run sets it to lr divided by the
+    # starting weights' gpt2jax.train.optim.adafactor_scale (steps as large as AdamW's at lr)
+    adafactor_lr: float | None = None
     weight_decay: float = 0.01
     clip: float = 1.0
     dropout: float = 0.0
@@ -281,11 +284,23 @@ class TrainConfig:
             if value is not None:
                 check_number(_flag(name), value, low=1, integer=True)
         check_number("--lr", u.lr, low=0)
+        if u.adafactor_lr is not None:
+            check_number("--adafactor-lr", u.adafactor_lr, low=0, low_open=True)
+            # --memory may choose Adafactor, so the flag is kept for it
+            if self.memory_settings.optimizer != "adafactor" and self.plan.memory is None:
+                raise ConfigError("--adafactor-lr applies to --optimizer adafactor only")
         check_number("--weight-decay", u.weight_decay, low=0)
         check_number("--clip", u.clip, low=0, hint="0 turns clipping off")
         check_number("--dropout", u.dropout, low=0, high=1, high_open=True)
         check_number("--val-fraction", d.val_fraction, low=0, high=1, high_open=True)
         self.memory_settings.validate()
+
+    def peak_lr(self) -> float:
+        """The peak rate the optimizer is given: ``adafactor_lr`` for Adafactor (once a run has
+        set it), ``lr`` otherwise."""
+        if self.memory_settings.optimizer == "adafactor" and self.update.adafactor_lr is not None:
+            return self.update.adafactor_lr
+        return self.update.lr
 
     def to_dict(self) -> dict[str, Any]:
         """Every setting, flat, as ``run.json`` records it under ``"train"`` (see

@@ -144,6 +144,9 @@ class FSDP:
         ``donate``."""
         args = tuple(self._global(a) for a in args)
         shapes = jax.eval_shape(fn, *args)
+        # Placed first, sharded: arrays committed to one device (a loaded model's) cannot meet
+        # the outputs' sharding over all devices inside one jit.
+        args = self.place(args)
         donated = tuple(range(len(args))) if donate else ()
         return jax.jit(fn, out_shardings=self.shardings(shapes), donate_argnums=donated)(*args)
 

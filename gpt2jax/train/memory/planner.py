@@ -4,7 +4,8 @@ Each candidate's real training step (:mod:`gpt2jax.train.memory.build`) is compi
 shapes, with nothing allocated, and XLA's buffer assignment gives its peak (:func:`peak_bytes`).
 :func:`search` tries the settings that cost speed but not the maths (remat, optimizer state,
 micro-batches, chunked loss) in order of expected step time (:func:`expected_cost`); settings
-that change what is learned are the user's.
+that change what is learned are the user's. Each settings' step is built once, and a candidate
+that a compiled one already rules out is not compiled (:func:`_decide`).
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from gpt2jax.config import GPT2Config
 from gpt2jax.device import needs_loss_scaling, resolve_compute_dtype
 from gpt2jax.errors import ConfigError
 from gpt2jax.loss_scale import LossScale
-from gpt2jax.store.runs import save_concurrent_gb
 from gpt2jax.train.memory.build import build
 from gpt2jax.train.settings import MemorySettings
 
@@ -55,9 +55,13 @@ class Candidate:
     def micro_batch(self) -> int:
         return self.batch_size // self.grad_accum
 
+    def state_name(self) -> str:
+        s = self.settings
+        return s.optimizer + (" bf16-state" if s.opt_state_dtype == "bfloat16" else "")
+
     def describe(self) -> str:
         s = self.settings
-        state = s.optimizer + (" bf16-state" if s.opt_state_dtype == "bfloat16" else "")
+        state = self.state_name()
         loss = f"loss-chunk {s.loss_chunk}" if s.loss_chunk else "plain loss"
         split = f"batch {self.micro_batch}x{self.grad_accum}"
         fsdp = " fsdp" if s.parallel == "fsdp" else ""
@@ -73,6 +77,7 @@ class Row:
     fits: bool
     why: str
     approximate: tuple[str, ...] = ()  # what the planner changed that changes the maths
+    step: int | None = None  # the compiled step's predicted bytes, None when not compiled
 
 
 def approximations(c: Candidate, base: MemorySettings) -> tuple[str, ...]:
@@ -81,7 +86,8 @@ def approximations(c: Candidate, base: MemorySettings) -> tuple[str, ...]:
     and micro-batches are exact (same numbers up to float rounding)."""
     s, out = c.settings, []
     if s.optimizer != base.optimizer:
-        out.append(f"{s.optimizer} instead of {base.optimizer}")
+        lr = " at --lr / the RMS of the starting weights" if s.optimizer == "adafactor" else ""
+        out.append(f"{s.optimizer}{lr} instead of {base.optimizer}")
     if s.opt_state_dtype != base.opt_state_dtype:
         out.append(f"{s.opt_state_dtype} optimizer state instead of {base.opt_state_dtype}")
     return tuple(out)
@@ -185,6 +191,10 @@ def candidates(
     (``grad_accum``'s is the argument). The loss is chunked only for sequences longer than a
     chunk. ``parallels``: the modes to try besides ``base.parallel`` (unless fixed)."""
     states = list(SGD_COST) if base.optimizer == "sgd" else list(STATE_COST)
+    if base.lora_rank and "optimizer" not in fixed:
+        # LoRA's optimizer state is small already, and Adafactor's steps on its zero-initialised
+        # B matrices are lr x 1e-3 (its floor on a matrix's RMS): they would hardly move.
+        states = [(o, d) for o, d in states if o != "adafactor"]
     if "optimizer" in fixed:
         states = [(o, d) for o, d in states if o == base.optimizer]
     if "opt_state_dtype" in fixed:
@@ -271,6 +281,7 @@ class Planner:
         self.sample_length = sample_length
         self._runtime = runtime
         self._eval_temp: dict[tuple, int] = {}
+        self._built: dict[MemorySettings, tuple[Callable, Any]] = {}
 
     @property
     def parallels(self) -> tuple[str, ...]:
@@ -284,14 +295,30 @@ class Planner:
         return runtime_bytes() if self._runtime is None else self._runtime
 
     def _step(self, c: Candidate) -> tuple[Callable, Any, Any]:
-        """``(jitted step, abstract state, abstract batch)`` of a candidate."""
+        """``(jitted step, abstract state, abstract batch)`` of a candidate. The step and the
+        state depend on the settings only, and are built once per settings (tracing the
+        optimizer's init for the state's shapes is most of the cost)."""
+        if c.settings not in self._built:
+            self._built[c.settings] = self._build(c.settings)
+        step, state = self._built[c.settings]
+        T1 = self.seq_len + 1
+        if self.fsdp is not None:
+            batch = jax.ShapeDtypeStruct(
+                (c.grad_accum, c.micro_batch, T1), jnp.int32, sharding=self.fsdp.batch_sharding
+            )
+            return step, state, batch
+        per_device = c.micro_batch // self.n_devices
+        return step, state, jax.ShapeDtypeStruct((c.grad_accum, per_device, T1), jnp.int32)
+
+    def _build(self, settings: MemorySettings) -> tuple[Callable, Any]:
+        """``(jitted step, abstract state)`` of ``settings`` (FSDP: sharded)."""
         from gpt2jax.train.sharding import make_prepare
         from gpt2jax.train.step import TrainState, make_train_step
 
         extra = make_prepare(self.fsdp.mesh) if self.fsdp is not None else None
         schedule = optax.constant_schedule(1e-4)
         recipe = build(
-            self.config, c.settings, schedule, weight_decay=self.weight_decay, clip=self.clip,
+            self.config, settings, schedule, weight_decay=self.weight_decay, clip=self.clip,
             extra_prepare=extra,
         )  # fmt: skip
         step = make_train_step(
@@ -299,22 +326,16 @@ class Planner:
             accumulate=recipe.accumulate,
         )  # fmt: skip
         trained, frozen = recipe.abstract_params()
-        scaling = needs_loss_scaling(resolve_compute_dtype(c.settings.compute_dtype))
+        scaling = needs_loss_scaling(resolve_compute_dtype(settings.compute_dtype))
         state = jax.eval_shape(
             lambda p, f: TrainState.create(
                 p, recipe.tx, 0, frozen=f, loss_scale=LossScale.create() if scaling else None
             ),
             trained, frozen,
         )  # fmt: skip
-        T1 = self.seq_len + 1
         if self.fsdp is not None:
-            batch = jax.ShapeDtypeStruct(
-                (c.grad_accum, c.micro_batch, T1), jnp.int32, sharding=self.fsdp.batch_sharding
-            )
-            return self.fsdp.compile_train_step(step, state), self.fsdp.abstract(state), batch
-        per_device = c.micro_batch // self.n_devices
-        batch = jax.ShapeDtypeStruct((c.grad_accum, per_device, T1), jnp.int32)
-        return jax.jit(step, donate_argnums=(0,)), state, batch
+            return self.fsdp.compile_train_step(step, state), self.fsdp.abstract(state)
+        return jax.jit(step, donate_argnums=(0,)), state
 
     def state_bytes(self, c: Candidate) -> int:
         """Parameters, optimizer state and gradients (twice with accumulation), per device: a
@@ -342,16 +363,18 @@ class Planner:
         (on the CPU the process's own resident memory, measured when the planner was made), plus
         the largest of what is alive at once during a step (compiled), an evaluation (the train
         state plus the compiled evaluation's temporaries) and a sample (the train state plus the
-        decoding cache and logits). Start-up and checkpoints add no copy of the state
-        (:mod:`gpt2jax.train.loop`)."""
+        decoding cache and logits) and a save (the state plus what the checkpoint writer holds
+        while writing). Start-up adds no copy of the state (:mod:`gpt2jax.train.loop`)."""
         step, details = self.predict(c)
         _, state, _ = self._step(c)
         state_bytes = _bytes(state, self.fsdp)
         if self._runtime is None:  # now that the compiler has run
             self._runtime = runtime_bytes()
-        # orbax writes (and copies) up to save_concurrent_gb at once
-        largest = max(_bytes(x, self.fsdp) for x in jax.tree.leaves(state))
-        writing = min(state_bytes, save_concurrent_gb(largest) * 10**9)
+        # A save on the CPU: orbax / TensorStore hold copies and compressed chunks of what they
+        # write until the save is done, whatever save_concurrent_gb says: measured 0.9x the
+        # state at 67M (scripts/bench_save.py, BENCHMARKS.md), counted as 1x. On an accelerator
+        # the state is copied to host memory, which the budget does not cover.
+        writing = state_bytes if jax.default_backend() == "cpu" else 0
         if self.fsdp is None and self.n_devices > 1:  # the all-reduce's copy of the gradients
             step += _bytes(state.params, None)
         parts = {
@@ -533,7 +556,7 @@ def search(
     limit = usable_bytes(budget)
     rows: list[Row] = []
     for size in _batch_sizes(batch_size, batch_given, planner.n_devices):
-        failed: list[Candidate] = []
+        failed: list[Row] = []
         # Exact candidates first (approximations only when nothing exact fits), then by speed.
         found = candidates(
             base, size, planner.n_devices, fixed, grad_accum, planner.seq_len, planner.parallels
@@ -554,7 +577,7 @@ def search(
             decided[c] = row = _decide(planner, c, limit, failed, base)
             _record(rows, row, show)
             if not row.fits:
-                failed.append(c)
+                failed.append(row)
         if not any(decided[c].fits for c in leanest):
             continue
         for c in order:
@@ -565,7 +588,7 @@ def search(
                 _record(rows, row, show)
             if row.fits:
                 return c, rows
-            failed.append(c)
+            failed.append(row)
     return None, rows
 
 
@@ -585,22 +608,51 @@ def _batch_sizes(batch_size: int, given: bool, n_devices: int) -> Iterator[int]:
 
 
 def _decide(
-    planner: Planner, c: Candidate, limit: int, failed: list[Candidate], base: MemorySettings
+    planner: Planner, c: Candidate, limit: int, failed: list[Row], base: MemorySettings
 ) -> Row | None:
     """A row for ``c``, or None when it is implied by a candidate that already did not fit."""
-    if any(_needs_at_least(c, f) for f in failed):
+    if any(_needs_at_least(c, f.candidate) for f in failed):
         return None
     approx = approximations(c, base)
-    floor = planner.state_bytes(c) + planner.runtime
+    state = planner.state_bytes(c)
+    floor = state + planner.runtime
     if floor > limit:
         why = f"runtime + state + gradients alone need {format_bytes(floor)}"
+        return Row(c, None, False, why, approx)
+    bound = _step_floor(planner, c, state, failed)
+    if bound is not None and planner.runtime + bound[0] > limit + limit // 10:
+        why = (
+            f"its step needs at least {bound[0] / GiB:.2f} GiB (that of "
+            f"{bound[1].state_name()} less the state it saves), not compiled"
+        )
         return Row(c, None, False, why, approx)
     peak, d = planner.whole_run(c)
     parts = (
         f"runtime {d['runtime'] / GiB:.2f} + max(step {d['step'] / GiB:.2f}, eval "
         f"{d['eval'] / GiB:.2f}, sample {d['sample'] / GiB:.2f}, save {d['save'] / GiB:.2f}) GiB"
     )
-    return Row(c, peak, peak <= limit, parts, approx)
+    return Row(c, peak, peak <= limit, parts, approx, step=d["step"])
+
+
+def _step_floor(
+    planner: Planner, c: Candidate, state: int, failed: list[Row]
+) -> tuple[int, Candidate] | None:
+    """The most a compiled candidate that did not fit says about ``c``'s step without compiling
+    it: one that differs only in the optimizer's state has the same activations and gradients,
+    so ``c`` needs its step less the state ``c`` saves (its per-layer optimizer temporaries
+    may differ a little more: the caller keeps a margin). ``(bytes, that candidate)``."""
+    same = [
+        f
+        for f in failed
+        if f.step is not None
+        and dataclasses.replace(f.candidate.settings, optimizer=c.settings.optimizer,
+                                opt_state_dtype=c.settings.opt_state_dtype) == c.settings
+        and (f.candidate.batch_size, f.candidate.grad_accum) == (c.batch_size, c.grad_accum)
+    ]  # fmt: skip
+    if not same:
+        return None
+    best = max(same, key=lambda f: f.step - (planner.state_bytes(f.candidate) - state))
+    return best.step - (planner.state_bytes(best.candidate) - state), best.candidate
 
 
 def format_row(row: Row) -> str:
@@ -615,7 +667,7 @@ def header(budget: int) -> str:
     return (
         f"budget {format_bytes(budget)}, of which {format_bytes(limit)} for the whole run "
         f"(the rest is reserve); peak = runtime + the largest of a step (arguments + outputs + "
-        f"temporaries - aliased, compiled), an evaluation and a sample, per device\n"
+        f"temporaries - aliased, compiled), an evaluation, a sample and a save, per device\n"
         f"{'configuration':<58} {'maths':<6} {'peak':>10}  {'verdict':<7}  why"
     )
 

@@ -72,6 +72,7 @@ def test_accumulated_update_equals_one_batch_update():
     assert rel_err(four.params, one.params) <= 1e-6
 
 
+@pytest.mark.slow
 def test_no_second_gradient_buffer():
     """8 micro-batches in place need no more than one batch does (one gradient buffer), and
     less than summing each micro-batch's whole gradient (compiled peaks, same settings)."""

@@ -150,6 +150,7 @@ def test_eval_command(straight, texts, capsys):
 # -- the lr schedule on resume ----------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_resume_with_more_steps_keeps_the_schedule_horizon(texts, tmp_path, capsys):
     """6 cosine updates, then `--resume --steps 10`: the lr stays at the schedule's end (0)
     instead of climbing back up a cosine re-stretched over 10; `--schedule-steps 10` stretches
@@ -203,6 +204,7 @@ def test_resume_with_more_steps_keeps_the_schedule_horizon(texts, tmp_path, caps
 # -- non-finite loss --------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_stops_keeps_the_last_good_checkpoint_and_can_skip(texts, tmp_path):
     """SGD at lr 1e30 leaves finite but huge weights after update 1; update 2's loss is NaN."""
     out = tmp_path / "nan"
@@ -317,6 +319,7 @@ def wait_until(proc, ready, log, timeout=240):
     pytest.fail("finetune made no progress")
 
 
+@pytest.mark.slow
 def test_sigterm_saves_then_resume_finishes_the_same_run(straight, texts, tmp_path):
     out, log = tmp_path / "term", tmp_path / "term.log"
     proc = start_cli(texts, out, log)

@@ -58,6 +58,7 @@ def changed(run_dir, base) -> set[str]:
     return {k for k in params if not np.array_equal(params[k], base[k])}
 
 
+@pytest.mark.slow
 def test_lora_run_trains_only_the_adapted_weights_and_resumes_exactly(tmp_path, text, base):
     """A LoRA run loads (and exports) as its merged model: exactly the adapted projection
     weights differ from the base. 3 + resume + 3 steps == 6 steps, bitwise."""
@@ -80,6 +81,7 @@ def test_freezing_embeddings_keeps_them(tmp_path, text, base):
     assert "h/mlp/c_fc/w" in moved and "ln_f/g" in moved
 
 
+@pytest.mark.slow
 def test_lean_settings_learn(tmp_path, text):
     """Remat, Adafactor, bfloat16 compute, chunked loss and accumulation together."""
     train = config(
@@ -118,6 +120,7 @@ def test_adafactor_runs_at_lr_over_the_weights_rms_recorded_for_resume(tmp_path,
     assert recorded(tmp_path / "b") == (1e-3, [pytest.approx(1e-3)])
 
 
+@pytest.mark.slow
 def test_memory_flag_plans_and_records_the_settings(tmp_path, text, capsys):
     # On the CPU the budget covers the whole (pytest) process: a generous one.
     args = [

@@ -135,6 +135,7 @@ def test_freeze_specs():
             parse_freeze(bad, TINY)
 
 
+@pytest.mark.slow
 def test_bfloat16_lora_run_exports_its_small_deltas_in_float32(tmp_path, capsys):
     """A LoRA run over a bfloat16 base whose deltas are below bfloat16's resolution: the
     float32 export holds base + scale * A @ B (float64 reference), not the base rounded back;

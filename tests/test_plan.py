@@ -39,6 +39,7 @@ PROBE_CONFIG = GPT2Config(n_vocab=50257, n_ctx=256, n_embd=512, n_head=8, n_laye
     ],
     ids=["lean", "plain"],
 )
+@pytest.mark.slow
 def test_predicted_peak_is_within_20_percent_of_measured(settings):
     """One real step in a fresh process: its peak RSS growth (state, batch, every temporary)
     against the compiled memory analysis (measured here: within 6% for lean, 3% for plain)."""

@@ -171,6 +171,7 @@ def follow_readme(tmp_path: Path, include_slow: bool) -> tuple[Path, list[Block]
     return work, ran, skipped
 
 
+@pytest.mark.slow
 def test_readme_blocks_run_in_order(tmp_path: Path) -> None:
     work, ran, skipped = follow_readme(tmp_path, include_slow=False)
     assert len(ran) >= 7, [b.line for b in ran]

@@ -57,6 +57,7 @@ def killed(tmp_path_factory):
     return work, report
 
 
+@pytest.mark.slow
 def test_kill_9_mid_save_loses_nothing(killed):
     _, report = killed
     assert report["kills"] == 1 and report["by_moment"]["save"] == 1
@@ -70,6 +71,7 @@ def test_kill_9_mid_save_loses_nothing(killed):
     assert report["steps_lost_max"] <= 2 * kt.Settings.save_every
 
 
+@pytest.mark.slow
 def test_sigint_saves_and_exits_within_30_s(killed):
     _, report = killed
     stop = report["signals"]["INT"]
@@ -140,6 +142,7 @@ def test_read_only_disk_fails_before_training(tmp_path, capsys):
         assert "Read-only file system" in line and not os.listdir(ro)
 
 
+@pytest.mark.slow
 def test_resume_on_a_read_only_disk_fails_before_training(killed, tmp_path, capsys):
     work, _ = killed
     with tmpfs(tmp_path / "disk", "64M") as disk:
@@ -164,6 +167,7 @@ def with_file_size_limit(limit: int, args: list[str]) -> list[str]:
     return [sys.executable, "-c", code]
 
 
+@pytest.mark.slow
 def test_failed_save_keeps_the_previous_checkpoint_and_says_so(killed, tmp_path):
     """Resumed with writes limited to 1 MiB per file, the run's next checkpoint (6.7 MB) fails
     while being written; the error is one line, and the last checkpoint still restores."""

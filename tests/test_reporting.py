@@ -80,6 +80,7 @@ def test_tensorboard_events_read_back_equal_the_run_log(tmp_path):
     assert acc.SummaryMetadata("samples").plugin_data.plugin_name == "text"
 
 
+@pytest.mark.slow
 def test_tensorboard_after_a_resume_has_each_step_once(tmp_path):
     """A run resumed from step 2 redoes steps 3-4: TensorBoard shows the redone values once,
     as metrics.jsonl does, not the first attempt's."""
@@ -122,6 +123,7 @@ def _wandb_records(path: str):
     return out
 
 
+@pytest.mark.slow
 def test_wandb_offline_run_holds_the_run_log(tmp_path):
     pytest.importorskip("wandb")
     run = tmp_path / "run"

@@ -248,6 +248,7 @@ def test_edited_layer_views_stack_into_a_working_model():
 # -- one KV-cache type ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_sampler_and_model_share_the_cache_type():
     """The sampler's prefill leaves a :class:`KVCache` that ``GPT2.forward`` continues from:
     the model's next-token logits equal the sampler's own step, and the model's returned cache
@@ -309,6 +310,7 @@ def _loss(logits, ids):
     return optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:]).mean()
 
 
+@pytest.mark.slow
 def test_to_nnx_trains_like_the_linen_path():
     """Two AdamW steps with ``nnx.Optimizer`` on ``to_nnx(model)`` give the losses and the
     parameters of the same two steps on the Linen module with optax."""

@@ -52,7 +52,7 @@ EVERY_FLAG = {
     "optimizer": "sgd", "compute_dtype": "bfloat16", "remat": "block",
     "opt_state_dtype": "bfloat16", "param_dtype": "bfloat16", "loss_chunk": 8,
     "parallel": "fsdp", "lora_rank": 4, "lora_alpha": 8.0, "freeze": "embeddings",
-    "memory": "8GB", "skip_nonfinite": True, "report_to": ["tensorboard"],
+    "memory": "8GB", "skip_nonfinite": True, "report_to": ["tensorboard"], "attention": "blockwise",
 }  # fmt: skip
 
 
@@ -128,6 +128,7 @@ def test_unreadable_or_unknown_files(tmp_path):
         read_settings(tmp_path / "twice.json")
 
 
+@pytest.mark.slow
 def test_the_command_runs_from_a_config_and_run_json_repeats_the_run(tmp_path, capsys):
     """``finetune --config run.toml`` trains with the file's settings (a flag overriding one);
     ``--config RUN/run.json --out other`` then repeats that run: the same settings and,

@@ -27,9 +27,13 @@ def rel_err(a, b) -> float:
     return max(jax.tree.leaves(errs))
 
 
-@pytest.mark.parametrize("loss_chunk", [0, 5])
-@pytest.mark.parametrize("compute_dtype", [jnp.float32, jnp.bfloat16])
-def test_accumulated_gradient_equals_jax_grad(loss_chunk, compute_dtype):
+@pytest.mark.parametrize(
+    "compute_dtype, loss_chunk",
+    [(jnp.float32, 5), (jnp.bfloat16, 0),  # each dtype and each loss path once
+     pytest.param(jnp.float32, 0, marks=pytest.mark.slow),
+     pytest.param(jnp.bfloat16, 5, marks=pytest.mark.slow)],
+)  # fmt: skip
+def test_accumulated_gradient_equals_jax_grad(compute_dtype, loss_chunk):
     params = random_params(TINY, seed=1)
     model = GPT2(TINY, dtype=compute_dtype, remat="block")
     windows = jnp.asarray(np.random.default_rng(0).integers(0, TINY.n_vocab, (3, 2, 12)))

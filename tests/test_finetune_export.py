@@ -19,6 +19,7 @@ PROMPT = "The little boat"
 NEW_TOKENS = 12
 
 
+@pytest.mark.slow
 def test_finetuned_run_exports_and_greedy_matches_transformers(tmp_path, capsys):
     run, hf_dir = tmp_path / "run", tmp_path / "hf"
     args = [

@@ -74,6 +74,7 @@ def test_lora_run_trains_only_the_adapted_weights_and_resumes_exactly(tmp_path, 
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
+@pytest.mark.slow
 def test_freezing_embeddings_keeps_them(tmp_path, text, base):
     finetune(tmp_path / "run", config(text, freeze="embeddings", steps=2, save_every=2))
     moved = changed(tmp_path / "run", base)

@@ -189,6 +189,7 @@ def test_batched_rows_equal_each_row_generated_alone(model):
         assert together[i].prompt_index == i and together[i].finish_reason == "length"
 
 
+@pytest.mark.slow
 def test_samples_do_not_depend_on_the_batch_they_ran_in(model):
     kwargs = dict(max_new_tokens=8, top_k=50, seed=7, num_samples=3)
     small = generate(model, PROMPTS[:2], batch_size=4, **kwargs)  # 6 samples: batches 4 + 2

@@ -68,6 +68,7 @@ def _close(got: dict, want: dict) -> None:
             assert got[tag][step] == pytest.approx(want[tag][step], rel=1e-6), (tag, step)
 
 
+@pytest.mark.slow
 def test_tensorboard_events_read_back_equal_the_run_log(tmp_path):
     pytest.importorskip("tensorboard")
     run = tmp_path / "run"

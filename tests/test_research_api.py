@@ -277,6 +277,7 @@ def test_sampler_and_model_share_the_cache_type():
     assert KVCache.from_stacked(k, v).layers[1][0].shape == (2, TINY.n_head, 16, TINY.head_dim)
 
 
+@pytest.mark.slow
 def test_attentions_with_a_cache_cover_its_slots():
     """With a cache, each layer's probabilities are over the cache's slots, and equal the
     uncached pass's on the slots written so far."""

@@ -203,6 +203,7 @@ def test_nonfinite_update_is_skipped(step_fn):
     assert int(skipped.opt_state[0].count) == 0  # Adam's moments untouched too
 
 
+@pytest.mark.slow
 def test_logged_lr_is_the_one_applied_when_updates_are_skipped():
     """Update 2 of 4 has a NaN loss and is skipped: it applies no lr (logged 0), and the
     optimizer's schedule, which counts applied updates, goes on from where it stopped."""

@@ -90,6 +90,7 @@ def test_cached_decoding_matches_the_uncached_forward_pass_to_the_full_context()
         np.testing.assert_array_equal(full[b, lengths[b] :], expected.argmax(-1))  # greedy
 
 
+@pytest.mark.slow
 def test_model_forward_with_its_stacked_cache_matches_the_uncached_pass():
     """GPT2.forward's own (scanned) cache path: a prompt in one call, then one token a call."""
     params = _jnp(random_params(TINY, seed=6, scale=1.0))
@@ -337,6 +338,7 @@ def test_cli_streams_one_sample(model, model_dir, capsys):
     assert printed == expected + "\n"
 
 
+@pytest.mark.slow
 def test_cli_writes_jsonl_for_many_samples_and_prompt_files(model, model_dir, tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("Hello world\n\nThe meaning of life is\n")

@@ -92,8 +92,9 @@ def resolve_paths(specs: Sequence[str | os.PathLike]) -> list[str]:
     files: dict[str, None] = {}  # ordered, without repeats
     for spec in map(os.fspath, specs):
         if os.path.isdir(spec) and is_saved_dataset(spec):
-            found = [spec]
-        elif os.path.isdir(spec):
+            files[spec] = None  # a directory `datasets` reads itself: not checked as a file
+            continue
+        if os.path.isdir(spec):
             found = sorted(
                 os.path.join(root, f)
                 for root, _, names in os.walk(spec)
@@ -109,8 +110,6 @@ def resolve_paths(specs: Sequence[str | os.PathLike]) -> list[str]:
             if not found:
                 raise DataError(f"{spec}: no files match this pattern")
         for path in found:
-            if path == spec and os.path.isdir(spec):  # a saved dataset, read by `datasets`
-                continue
             try:
                 check_regular(path, DataError)
             except FileNotFoundError:

@@ -113,15 +113,17 @@ def _step(tx):
     return jax.jit(lambda p, g, s: apply_optimizer(tx, g, s, p))
 
 
+@pytest.mark.parametrize("elementwise", [False, True], ids=["loop", "together"])
 @pytest.mark.parametrize("name", ["adamw", "sgd"])
-def test_layerwise_optimizer_equals_whole_tree_optax(reference, name):
-    """Elementwise optimizers give the same parameters layer by layer as on the whole tree,
-    global-norm clipping included (the clip threshold is set so that it acts)."""
+def test_layerwise_optimizer_equals_whole_tree_optax(reference, name, elementwise):
+    """Elementwise optimizers give the same parameters per layer (in the loop, or all layers
+    at once as finetune runs them) as on the whole tree, global-norm clipping included (the
+    clip threshold is set so that it acts)."""
     p, _, (_, grads) = reference
     base = optax.adamw(1e-2, weight_decay=0.1) if name == "adamw" else optax.sgd(1e-2, 0.9)
     clip = 0.5 * float(optax.tree.norm(grads))
     whole = optax.chain(optax.clip_by_global_norm(clip), base)
-    lw = Layerwise(base, clip=clip)
+    lw = Layerwise(base, clip=clip, elementwise=elementwise)
     s_whole, s_lw = whole.init(p), lw.init(p)
     p_whole, p_lw = p, p
     step_whole, step_lw = _step(whole), _step(lw)
@@ -132,10 +134,14 @@ def test_layerwise_optimizer_equals_whole_tree_optax(reference, name):
     assert_grads_close(p_lw, p_whole, tol=1e-6)
 
 
-def test_layerwise_freezing_keeps_frozen_parts_unchanged(reference):
+@pytest.mark.parametrize("elementwise", [False, True], ids=["loop", "together"])
+def test_layerwise_freezing_keeps_frozen_parts_unchanged(reference, elementwise):
     p, _, (_, grads) = reference
     trainable = np.array([False, True, False])
-    lw = Layerwise(optax.adamw(1e-2, weight_decay=0.1), frozen=("wte",), trainable_layers=trainable)
+    lw = Layerwise(
+        optax.adamw(1e-2, weight_decay=0.1), frozen=("wte",), trainable_layers=trainable,
+        elementwise=elementwise,
+    )  # fmt: skip
     state = lw.init(p)
     assert "wte" not in state.rest  # no optimizer state for a frozen leaf
     new, _ = _step(lw)(p, grads, state)
@@ -145,6 +151,43 @@ def test_layerwise_freezing_keeps_frozen_parts_unchanged(reference):
     np.testing.assert_array_equal(w_new[2], w_old[2])
     assert not np.allclose(w_new[1], w_old[1])
     assert not np.allclose(new["wpe"], p["wpe"])
+
+
+@pytest.mark.parametrize("param_dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("name", ["adamw", "sgd"])
+def test_layers_updated_together_equal_the_loop(reference, name, param_dtype):
+    """finetune updates every layer of AdamW and SGD at once (``elementwise``: vmapped, which
+    XLA fuses in place) instead of one by one in a loop: XLA rounds the two programs slightly
+    differently (a last-bit difference in a step, which SGD's coupled weight decay carries into
+    its momentum), so they agree to float32 rounding, frozen layers untouched in both; stored
+    in bfloat16 and rounded stochastically, all but a few parameters are bitwise equal and
+    those one bfloat16 step apart."""
+    from gpt2jax.train.optim import make_optimizer
+
+    p, _, (_, grads) = reference
+    p = jax.tree.map(lambda x: x.astype(param_dtype), p)
+    base = make_optimizer(name, lambda _: 1e-2, weight_decay=0.1, clip=0.0)  # finetune's
+    runs = []
+    for elementwise in (False, True):
+        lw = Layerwise(
+            base, clip=1.0, trainable_layers=np.array([True, False, True]),
+            elementwise=elementwise,
+        )  # fmt: skip
+        new, state, step = p, lw.init(p), _step(lw)
+        for i in range(3):
+            new, state = step(new, jax.tree.map(lambda x, f=1 + i: x * f, grads), state)
+        runs.append((new, state))
+    (loop_p, loop_s), (together_p, together_s) = runs
+    for a, b in zip(jax.tree.leaves(loop_s), jax.tree.leaves(together_s), strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-8)
+    np.testing.assert_array_equal(together_p["h"]["ln_1"]["g"][1], p["h"]["ln_1"]["g"][1])
+    for a, b in zip(jax.tree.leaves(loop_p), jax.tree.leaves(together_p), strict=True):
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        if param_dtype == jnp.float32:
+            np.testing.assert_allclose(b, a, rtol=4e-7, atol=1e-8)  # an ulp or two
+        else:
+            assert np.mean(a != b) < 0.01
+            np.testing.assert_allclose(b, a, rtol=2**-7)
 
 
 def test_low_precision_state_in_float32_is_optax(reference):

@@ -1,9 +1,10 @@
-"""Applying the optimizer one layer at a time, in place: the update never exists whole.
+"""Applying the optimizer per layer, in place: the update never exists whole.
 
-``tx.update`` plus ``optax.apply_updates`` materialises the whole update tree, with several
-full-size temporaries per leaf. :class:`Layerwise` runs ``tx`` in a ``lax.fori_loop`` over the
-layer axis of the stacked block parameters, so the optimizer's temporaries are one layer's
-worth; it also keeps frozen parameters unchanged and rounds bfloat16 parameters stochastically.
+``tx.update`` plus ``optax.apply_updates`` materialises the whole update tree; an optimizer with
+per-matrix statistics (Adafactor) keeps several full-size temporaries per leaf. :class:`Layerwise`
+applies ``tx`` to each layer of the stacked block parameters: all layers at once for elementwise
+optimizers (which XLA fuses in place), one at a time in a ``lax.fori_loop`` otherwise. It also
+keeps frozen parameters unchanged and rounds bfloat16 parameters stochastically.
 """
 
 from __future__ import annotations
@@ -40,6 +41,13 @@ class Layerwise:
     buffers). The optimizer's temporaries are then one layer's worth (a 1600 x 6400 float32
     matrix, 41 MB, for 1558M). The other leaves (``wte``, ``wpe``, ``ln_f``) are updated whole.
 
+    An ``elementwise`` optimizer (AdamW, SGD: every element's update depends on that element
+    alone) has no per-matrix temporaries to bound, so its layers are updated together:
+    ``jax.vmap`` over the layer axis, the same maths as the loop, which XLA fuses into one
+    in-place pass per leaf. The loop would cost more there: XLA's CPU backend copies the whole
+    stacked moments on every iteration when one fusion reads a slice that another writes in
+    place (measured: BENCHMARKS.md, Training).
+
     The maths is ``tx`` applied to each layer's slice: for AdamW and SGD (elementwise) exactly
     ``tx`` on the whole tree; for Adafactor its per-tensor statistics (update clipping by RMS,
     relative step size by the parameter's RMS) are per weight matrix, as in Shazeer & Stern
@@ -66,8 +74,10 @@ class Layerwise:
         clip: float = 0.0,
         frozen: Collection[str] = (),
         trainable_layers: np.ndarray | None = None,
+        elementwise: bool = False,
     ) -> None:
         self.tx = tx
+        self.elementwise = elementwise
         self.clip = clip
         self.frozen = frozenset(frozen)
         self.trainable_layers = (
@@ -103,20 +113,31 @@ class Layerwise:
 
         rest, rest_state = step(state.rest, self._rest(grads), self._rest(params))
         n_layer = jax.tree.leaves(params[STACKED])[0].shape[0]
-        mask = self.trainable_layers
+        mask = None if self.trainable_layers is None else jnp.asarray(self.trainable_layers)
 
-        def body(i, carry):
-            h, layer_state = carry
-            take = lambda tree: jax.tree.map(lambda x: x[i], tree)  # noqa: E731
-            new_p, new_s = step(take(layer_state), take(grads[STACKED]), take(h))
-            if mask is not None:
-                keep = jnp.asarray(mask)[i]
-                new_p = jax.tree.map(lambda n, o: jnp.where(keep, n, o), new_p, take(h))
-                new_s = jax.tree.map(lambda n, o: jnp.where(keep, n, o), new_s, take(layer_state))
-            put = lambda tree, new: jax.tree.map(lambda x, y: x.at[i].set(y), tree, new)  # noqa: E731
-            return put(h, new_p), put(layer_state, new_s)
+        def layer(layer_state, g, p, keep):  # one layer's slices
+            new_p, new_s = step(layer_state, g, p)
+            if keep is not None:  # a frozen layer keeps its parameters and state
+                new_p = jax.tree.map(lambda n, o: jnp.where(keep, n, o), new_p, p)
+                new_s = jax.tree.map(lambda n, o: jnp.where(keep, n, o), new_s, layer_state)
+            return new_p, new_s
 
-        h, layers = jax.lax.fori_loop(0, n_layer, body, (params[STACKED], state.layers))
+        if self.elementwise:
+            h, layers = jax.vmap(layer, in_axes=(0, 0, 0, None if mask is None else 0))(
+                state.layers, grads[STACKED], params[STACKED], mask
+            )
+        else:
+
+            def body(i, carry):
+                h, layer_state = carry
+                take = lambda tree: jax.tree.map(lambda x: x[i], tree)  # noqa: E731
+                keep = None if mask is None else mask[i]
+                new_p, new_s = layer(take(layer_state), take(grads[STACKED]), take(h), keep)
+                put = lambda tree, new: jax.tree.map(lambda x, y: x.at[i].set(y), tree, new)  # noqa: E731
+                return put(h, new_p), put(layer_state, new_s)
+
+            carry = (params[STACKED], state.layers)
+            h, layers = jax.lax.fori_loop(0, n_layer, body, carry)
         new_params = {**params, **rest, STACKED: h}
         return new_params, LayerwiseState(count=count, layers=layers, rest=rest_state)
 

@@ -22,7 +22,7 @@ from gpt2jax.train.layerwise import Layerwise
 from gpt2jax.train.loss import LossFn, chain, make_token_losses
 from gpt2jax.train.memory import freeze as freezing
 from gpt2jax.train.memory.accumulate import Accumulate, make_accumulate
-from gpt2jax.train.optim import make_optimizer
+from gpt2jax.train.optim import ELEMENTWISE, make_optimizer
 from gpt2jax.train.settings import MemorySettings
 
 
@@ -75,7 +75,7 @@ def build(
 ) -> Recipe:
     """The model, layer-by-layer optimizer and loss of ``settings``.
 
-    The optimizer always runs layer by layer in place (:class:`gpt2jax.train.layerwise.Layerwise`),
+    The optimizer always runs per layer in place (:class:`gpt2jax.train.layerwise.Layerwise`),
     with global-norm clipping before it. What the train state then holds: ``params`` are the
     trained numbers (the whole model, or the LoRA adapters), ``frozen`` the rest of the model
     that the loss reads but never differentiates (LoRA's base model; None otherwise).
@@ -111,7 +111,10 @@ def build(
         frozen_leaves, trainable_layers = freeze.leaves, freeze.trainable_layers
     if extra_prepare is not None:
         prepares.append(extra_prepare)
-    tx = Layerwise(base, clip=clip, frozen=frozen_leaves, trainable_layers=trainable_layers)
+    tx = Layerwise(
+        base, clip=clip, frozen=frozen_leaves, trainable_layers=trainable_layers,
+        elementwise=settings.optimizer in ELEMENTWISE,
+    )  # fmt: skip
     loss_fn = make_token_losses(
         model, loss_chunk=settings.loss_chunk, prepare=chain(*prepares) if prepares else None
     )

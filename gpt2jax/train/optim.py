@@ -23,9 +23,8 @@ import optax
 
 from gpt2jax.errors import ConfigError
 from gpt2jax.train.memory.precision import scale_by_adam_lowp, scale_by_momentum_lowp
+from gpt2jax.train.settings import OPTIMIZERS, SCHEDULES
 
-OPTIMIZERS = ("adamw", "adafactor", "sgd")
-SCHEDULES = ("constant", "cosine", "linear")
 SGD_MOMENTUM = 0.9
 
 

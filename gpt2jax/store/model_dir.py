@@ -5,7 +5,8 @@ Layout (written atomically, :mod:`gpt2jax.store.atomic`)::
     ckpt/124M/
       config.json          {"format": "gpt2jax", "format_version": 1, "config": {...},
                             "dtype": "float32", "num_params": ..., "source": {...}}
-      params/              the parameter tree, saved with orbax-checkpoint
+      params/              the parameter tree, an orbax checkpoint (``convert`` writes it
+                           directly: :mod:`gpt2jax.store.orbax_layout`)
       encoder.json         the tokenizer files (copied from the source, when it had them)
       vocab.bpe
 """

@@ -6,6 +6,8 @@ chunk file of C-order bytes), plus ``_METADATA`` (the tree) and ``_CHECKPOINT_ME
 orbax version restores it (tests restore it with orbax itself). The chunk files are created at
 full size up front and filled at any offset (:meth:`OrbaxLayoutWriter.write`), so a converter
 streams tensors into place without holding a leaf, without jax, and at the speed of the disk.
+No fsync (as ``cp``): the directory appears only once complete (``atomic_dir``), which guards
+against a failed or killed process, not against a power cut (the source can be converted again).
 """
 
 from __future__ import annotations

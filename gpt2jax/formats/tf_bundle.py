@@ -729,7 +729,9 @@ class BundleReader:
         thread reads the next pieces while ``workers`` threads check each tensor's CRC32C and
         call the sinks; a tensor that fails its check raises (after some of its bytes went to
         its sink: the caller discards what it wrote). Everything is checked before any byte is
-        read, so a bad index fails first. Memory: ``2 * workers + 1`` buffers of ``piece``."""
+        read, so a bad index fails first. Pieces are ``piece`` bytes (a tensor's last one may be
+        shorter): with a multiple of the itemsize, no element is split. Memory: ``2 * workers
+        + 1`` buffers of ``piece`` bytes."""
         located = sorted(
             ((name, *self._locate(name)) for name in sinks),
             key=lambda t: (t[1].shard_id, t[1].offset),

@@ -61,14 +61,15 @@ def their_shapes(config: GPT2Config, fmt: str) -> dict[str, tuple[int, ...]]:
     """Every tensor name of format ``fmt`` (``openai`` or ``hf``) with its expected shape."""
     ours = our_shapes(config)
     out = {}
-    for our, name, _, conv in _rows(config, fmt):
+    for our, name, _, conv in placements(config, fmt):
         s = ours[our][1:] if our.startswith("h/") else ours[our]
         out[name] = (1, *s) if conv and fmt == "openai" else s
     return out
 
 
-def _rows(config: GPT2Config, fmt: str) -> Iterator[tuple[str, str, Any, bool]]:
-    """``(ours, theirs, layer or None, conv)`` for every tensor, layers expanded."""
+def placements(config: GPT2Config, fmt: str) -> Iterator[tuple[str, str, Any, bool]]:
+    """``(ours, theirs, layer or None, conv)`` for every tensor, layers expanded: tensor
+    ``theirs`` is leaf ``ours`` (its ``layer``'s slice of it, for the stacked ``h/`` leaves)."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}")
     col = 1 if fmt == "openai" else 2
@@ -134,23 +135,31 @@ def from_theirs(
     fmt: str,
     dtype: Any = np.float32,
     progress: Callable[[int], Any] | None = None,
+    read_into: Callable[[str, np.ndarray], bool] | None = None,
 ) -> dict[str, Any]:
     """Builds our nested params tree (numpy, ``dtype``) from tensors read one at a time by ``get``.
 
     The caller has checked names and shapes (:func:`check_names`, :func:`check_shapes`). The
     stacked layer arrays are allocated once and filled layer by layer, so peak memory stays one
-    copy of the model plus one tensor.
+    copy of the model plus one tensor. ``read_into(name, out)``, when given, fills ``out`` (the
+    tensor's slice of its leaf) and returns True where it can (a tensor stored in ``dtype``:
+    read straight into place, no copy in between), else returns False and ``get`` is used.
     """
-    flat = {path: np.empty(shape, dtype) for path, shape in our_shapes(config).items()}
-    for ours, name, layer, conv in _rows(config, fmt):
-        value = get(name)
-        if conv and fmt == "openai":
-            value = value[0]
+    want = np.dtype(dtype)
+    flat = {path: np.empty(shape, want) for path, shape in our_shapes(config).items()}
+    for ours, name, layer, conv in placements(config, fmt):
         target = flat[ours] if layer is None else flat[ours][layer]
-        target[...] = value
+        if read_into is not None and read_into(name, target):  # (1, nx, nf) too: same bytes
+            nbytes = target.nbytes
+        else:
+            value = get(name)
+            if conv and fmt == "openai":
+                value = value[0]
+            target[...] = value
+            nbytes = value.nbytes
+            del value
         if progress is not None:
-            progress(value.nbytes)
-        del value
+            progress(nbytes)
     return unflatten(flat)
 
 
@@ -167,7 +176,7 @@ def to_theirs(
     for path, shape in shapes.items():
         if tuple(flat[path].shape) != shape:
             raise CheckpointError(f"params {path} has shape {flat[path].shape}, expected {shape}")
-    for ours, name, layer, conv in _rows(config, fmt):
+    for ours, name, layer, conv in placements(config, fmt):
         value = np.asarray(flat[ours] if layer is None else flat[ours][layer])
         yield name, (value[None] if conv and fmt == "openai" else value)
 

@@ -19,11 +19,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gpt2jax.config import ATTENTION_IMPLEMENTATIONS
 from gpt2jax.errors import ConfigError
 
 Array = jax.Array
 
-IMPLEMENTATIONS = ("auto", "xla", "blockwise", "cudnn", "splash")
+IMPLEMENTATIONS = ATTENTION_IMPLEMENTATIONS
 #: Queries per tile of the blockwise attention.
 BLOCK_Q = 256
 #: Score elements per head in one tile (BLOCK_Q x 256): decoding, with one query, takes the

@@ -17,6 +17,11 @@ from gpt2jax.files import read_bytes
 
 #: ``<|endoftext|>``: the document separator and the only special token of GPT-2's vocabulary.
 EOT_TOKEN = 50256
+#: The attention implementations (``--attention``; :mod:`gpt2jax.attention` runs them), named
+#: here so that the command line can offer them without importing jax.
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "blockwise", "cudnn", "splash")
+#: What a block keeps for the backward pass (:class:`gpt2jax.model.GPT2`'s ``remat``).
+REMAT_POLICIES = ("none", "block", "dots")
 
 #: The largest value of each shape field a config may hold: far above any GPT-2 (48 layers,
 #: 1600 wide, 1024 positions), low enough that what is built per layer, per position or per

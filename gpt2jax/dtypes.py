@@ -1,16 +1,14 @@
 """The one table of floating-point dtypes by name (flags, ``run.json``, model files), and which
-names each use accepts."""
+names each use accepts. ``DTYPES`` is built on first use: bfloat16 comes from ``ml_dtypes``,
+a slow import that a float32 ``convert`` does without."""
 
 from __future__ import annotations
 
-import ml_dtypes
+import functools
+from typing import Any
+
 import numpy as np
 
-DTYPES: dict[str, np.dtype] = {
-    "float32": np.dtype(np.float32),
-    "bfloat16": np.dtype(ml_dtypes.bfloat16),
-    "float16": np.dtype(np.float16),
-}
 #: What stored weights may be (model directories, exports).
 STORAGE = ("float32", "bfloat16", "float16")
 #: What training computes and keeps its state in.
@@ -20,6 +18,23 @@ TRAINING = ("float32", "bfloat16")
 COMPUTE = ("auto", *TRAINING, "float16")
 
 
+@functools.cache
+def _table() -> dict[str, np.dtype]:
+    import ml_dtypes
+
+    return {
+        "float32": np.dtype(np.float32),
+        "bfloat16": np.dtype(ml_dtypes.bfloat16),
+        "float16": np.dtype(np.float16),
+    }
+
+
+def __getattr__(name: str) -> Any:
+    if name == "DTYPES":  # dict[str, np.dtype]: "float32", "bfloat16", "float16"
+        return _table()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def dtype(name: str) -> np.dtype:
     """The dtype called ``name`` (a key of :data:`DTYPES`)."""
-    return DTYPES[name]
+    return np.dtype(np.float32) if name == "float32" else _table()[name]

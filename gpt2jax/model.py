@@ -18,11 +18,9 @@ import jax
 import jax.numpy as jnp
 
 from gpt2jax import attention
-from gpt2jax.config import GPT2Config
+from gpt2jax.config import REMAT_POLICIES, GPT2Config
 
 Array = jax.Array
-
-REMAT_POLICIES = ("none", "block", "dots")
 
 
 class KVCache(flax.struct.PyTreeNode):

@@ -82,6 +82,79 @@ def test_info(converted, capsys):
     assert "607,224" in capsys.readouterr().out
 
 
+def _leaves(params) -> dict[str, np.ndarray]:
+    return {k: np.asarray(v) for k, v in mapping.flatten(params).items()}
+
+
+def _assert_bitwise(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
+        assert a[k].tobytes() == b[k].tobytes(), k
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_streamed_conversion_equals_the_in_memory_read_and_restores_with_plain_orbax(
+    tmp_path, dtype
+):
+    """``convert`` streams the tensors into an orbax layout written directly: restored by
+    orbax's own API (no gpt2jax code) and by ``gpt2jax.load``, the parameters are bitwise those
+    of ``read_openai_dir`` (checked against TensorFlow above), cast as numpy casts."""
+    import orbax.checkpoint as ocp
+
+    from gpt2jax.convert.openai_tf import convert_openai_dir
+    from gpt2jax.dtypes import DTYPES
+
+    dst = tmp_path / "ckpt"
+    convert_openai_dir(SRC, dst, dtype=DTYPES[dtype])
+    _, params = read_openai_dir(SRC, dtype=DTYPES[dtype])
+    want = _leaves(params)
+    with ocp.StandardCheckpointer() as ckptr:
+        _assert_bitwise(_leaves(ckptr.restore(str(dst / "params"))), want)
+    _assert_bitwise(_leaves(gpt2jax.load(dst).params), want)
+    meta = json.loads((dst / "config.json").read_text())
+    assert meta["dtype"] == dtype and meta["num_params"] == sum(v.size for v in want.values())
+
+
+def test_conversion_with_numpy_crc_threads_writes_the_same_files(tmp_path, monkeypatch):
+    """The CRC32C path without google_crc32c (numpy, on threads) gives the same directory;
+    and ``read_openai_dir`` reading into place equals reading each tensor and copying it."""
+    from gpt2jax.convert.openai_tf import convert_openai_dir
+    from gpt2jax.formats import crc32c
+    from gpt2jax.formats.tf_bundle import BundleReader
+
+    def files(root):
+        return {
+            p.relative_to(root): p.read_bytes()
+            for p in sorted((root / "params").rglob("*"))
+            if p.is_file() and not p.name.startswith("_")  # timestamps
+        }
+
+    convert_openai_dir(SRC, tmp_path / "a")
+    monkeypatch.setattr(crc32c, "_google_crc32c", None)
+    convert_openai_dir(SRC, tmp_path / "b")
+    assert files(tmp_path / "a") == files(tmp_path / "b") and len(files(tmp_path / "a")) == 32
+    config, params = read_openai_dir(SRC)
+    with BundleReader(SRC / "model.ckpt") as reader:
+        copied = mapping.from_theirs(reader.read, config, "openai")
+    _assert_bitwise(_leaves(params), _leaves(copied))
+
+
+def test_convert_imports_neither_jax_nor_orbax(tmp_path):
+    """The command imports what it needs: no jax, orbax, flax or ml_dtypes for float32."""
+    code = (
+        "import sys\n"
+        "from gpt2jax.cli.main import main\n"
+        f"assert main(['convert', {str(SRC)!r}, {str(tmp_path / 'out')!r}]) == 0\n"
+        "print(sorted(m for m in ('jax', 'orbax', 'flax', 'ml_dtypes', 'optax') "
+        "if m in sys.modules))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.strip().splitlines()[-1] == "[]"
+
+
 def test_refuses_to_overwrite(converted, capsys):
     assert cli_main(["convert", str(SRC), str(converted)]) == 1
     assert "already exists" in capsys.readouterr().err

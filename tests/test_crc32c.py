@@ -87,8 +87,19 @@ def test_mask_unmask() -> None:
 
 
 def test_optional_fast_path_agrees() -> None:
+    """With ``google_crc32c`` installed (the ``fast`` extra) :func:`crc32c` uses it, for every
+    kind of buffer a reader hands it (it takes read-only ones only), continued or not."""
     google_crc32c = pytest.importorskip("google_crc32c")
+    from gpt2jax.formats import crc32c as module
+
+    assert module._google_crc32c is google_crc32c  # the fast path is the one in use
     rng = np.random.default_rng(5)
     for n in (0, 1, 9, 1000, 100003):
         data = _random_bytes(rng, n)
-        assert google_crc32c.value(data) == crc32c_numpy(data) == crc32c(data)
+        want = crc32c_numpy(data)
+        assert google_crc32c.value(data) == want == crc32c(data)
+        arr = np.frombuffer(data, np.uint8).copy()  # writable
+        for buf in (arr, bytearray(data), memoryview(bytearray(data)), arr.view(np.uint8)[::1]):
+            assert crc32c(buf) == want
+        half = n // 2
+        assert crc32c(arr[half:], crc32c(arr[:half])) == want

@@ -324,6 +324,45 @@ def test_flipped_byte_in_tensor_fails_crc(tmp_path: Path) -> None:
     assert (unchecked != original).sum() == 1
 
 
+def test_read_into_and_copy_tensors_give_the_bytes_read_gives() -> None:
+    """``read_into`` (into a slice of a bigger array) and ``copy_tensors`` (pieces smaller than
+    a tensor, CRCs checked on threads) hand out exactly the bytes ``read`` returns."""
+    with BundleReader(DTYPES) as reader:
+        names = [n for n in reader.names() if reader.dtype(n).kind in "fiucb"]
+        for name in names:
+            want = reader.read(name)
+            stacked = np.zeros((3, *want.shape), want.dtype)
+            reader.read_into(name, stacked[1:2].reshape(want.shape))  # a view, 0-d ones too
+            assert stacked[1].tobytes() == want.tobytes() and not stacked[[0, 2]].any()
+        pieces: dict[str, list[tuple[int, bytes]]] = {n: [] for n in names}
+        reader.copy_tensors(
+            {n: lambda off, b, n=n: pieces[n].append((off, b.tobytes())) for n in names},
+            workers=2,
+            piece=16,
+        )
+        for name in names:
+            offsets = [off for off, _ in pieces[name]]
+            assert offsets == sorted(offsets) and len(set(offsets)) == len(offsets)
+            assert b"".join(b for _, b in pieces[name]) == reader.read(name).tobytes(), name
+        with pytest.raises(ValueError, match="writable C-contiguous"):
+            reader.read_into(names[0], np.zeros(10**6, np.uint8))
+
+
+def test_copy_tensors_fails_on_a_bad_crc_and_stops(tmp_path: Path) -> None:
+    prefix = _copy_bundle(OPENAI, tmp_path)
+    data = Path(data_filename(prefix, 0, 1))
+    blob = bytearray(data.read_bytes())
+    blob[len(blob) // 2] ^= 0x01  # inside model/wte
+    data.write_bytes(bytes(blob))
+    with BundleReader(prefix) as reader:
+        names = reader.names()
+        seen: set[str] = set()
+        with pytest.raises(CheckpointError) as e:
+            reader.copy_tensors({n: lambda off, b, n=n: seen.add(n) for n in names}, piece=4096)
+        _error(e, "corrupt", "'model/wte'", data, "CRC32C")
+        assert "model/wte" in seen
+
+
 def test_flipped_byte_in_index(tmp_path: Path) -> None:
     prefix = _copy_bundle(OPENAI, tmp_path)
     index = Path(str(prefix) + ".index")

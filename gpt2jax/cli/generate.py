@@ -13,8 +13,8 @@ import os
 import sys
 import time
 
-from gpt2jax.attention import IMPLEMENTATIONS
 from gpt2jax.cli.plan import ATTENTION_HELP
+from gpt2jax.config import ATTENTION_IMPLEMENTATIONS as IMPLEMENTATIONS
 from gpt2jax.errors import DataError, Gpt2JaxError
 from gpt2jax.files import read_bytes
 

@@ -48,28 +48,29 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     import time
 
     from gpt2jax.cli.train import quiet_background_errors
-    from gpt2jax.dtypes import DTYPES
-    from gpt2jax.loader import describe
+    from gpt2jax.dtypes import dtype
+    from gpt2jax.store.model_dir import detect
+    from gpt2jax.store.sizes import resolve_model
 
     if not (args.debug or os.environ.get("GPT2JAX_DEBUG") == "1"):
         quiet_background_errors()  # a failed save: orbax's threads print pages of tracebacks
-    src = describe(args.src)  # a size name ("124M") means the download cache
-    args.src = src.path
+    args.src = resolve_model(args.src)  # a size name ("124M") means the download cache
+    kind = detect(args.src)
     start = time.perf_counter()
-    if src.kind == "openai":
+    if kind == "openai":  # imports neither jax nor orbax (gpt2jax.store.orbax_layout)
         from gpt2jax.convert.openai_tf import convert_openai_dir
 
         config = convert_openai_dir(
-            args.src, args.dst, dtype=DTYPES[args.dtype], overwrite=args.force, show_progress=True
+            args.src, args.dst, dtype=dtype(args.dtype), overwrite=args.force, show_progress=True
         )
-    elif src.kind == "hf":
+    elif kind == "hf":
         from gpt2jax.convert.hf import convert_hf_dir
 
         config = convert_hf_dir(
-            args.src, args.dst, dtype=DTYPES[args.dtype], overwrite=args.force, show_progress=True
+            args.src, args.dst, dtype=dtype(args.dtype), overwrite=args.force, show_progress=True
         )
     else:
-        raise Gpt2JaxError(f"{args.src}: converting a {src.kind!r} directory is not supported")
+        raise Gpt2JaxError(f"{args.src}: converting a {kind!r} directory is not supported")
     print(
         f"converted {args.src} -> {args.dst}: {config.num_params():,} parameters, "
         f"{args.dtype}, {time.perf_counter() - start:.1f}s"

@@ -18,11 +18,10 @@ def add_memory_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> 
     """The memory flags shared by ``plan`` and ``finetune``, except those in ``skip``. They
     default to None, so that a command can tell which were given (the defaults in the help are
     :class:`gpt2jax.train.memory.build.MemorySettings`'s)."""
-    from gpt2jax.attention import IMPLEMENTATIONS
+    from gpt2jax.config import ATTENTION_IMPLEMENTATIONS as IMPLEMENTATIONS
+    from gpt2jax.config import REMAT_POLICIES
     from gpt2jax.dtypes import COMPUTE, TRAINING
-    from gpt2jax.model import REMAT_POLICIES
-    from gpt2jax.train.optim import OPTIMIZERS
-    from gpt2jax.train.settings import PARALLEL, MemorySettings
+    from gpt2jax.train.settings import OPTIMIZERS, PARALLEL, MemorySettings
 
     dtypes = TRAINING
     flags = (

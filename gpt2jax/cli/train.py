@@ -15,9 +15,9 @@ import os
 import sys
 from typing import Any
 
-from gpt2jax.attention import IMPLEMENTATIONS
 from gpt2jax.cli.generate import add_allow_changed_base
 from gpt2jax.cli.plan import ATTENTION_HELP, add_memory_flags
+from gpt2jax.config import ATTENTION_IMPLEMENTATIONS as IMPLEMENTATIONS
 from gpt2jax.dtypes import COMPUTE
 from gpt2jax.errors import ConfigError
 
@@ -85,8 +85,7 @@ _TRAIN_FLAGS: tuple[tuple[str, str, type, str], ...] = (
 
 
 def add_finetune(sub: argparse._SubParsersAction) -> None:
-    from gpt2jax.train.optim import OPTIMIZERS, SCHEDULES
-    from gpt2jax.train.settings import TrainConfig
+    from gpt2jax.train.settings import OPTIMIZERS, SCHEDULES, TrainConfig
 
     defaults = TrainConfig()
     flat_defaults = defaults.to_dict()

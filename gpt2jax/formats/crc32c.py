@@ -10,7 +10,6 @@ CRC-32C (``tensorflow/core/lib/hash/crc32c.h``, LevelDB's ``util/crc32c``) and s
 from __future__ import annotations
 
 import functools
-from typing import Any
 
 import numpy as np
 
@@ -209,6 +208,11 @@ def crc32c(data: BufferLike, crc: int = 0) -> int:
     Uses ``google_crc32c`` when it is installed with its C extension, else :func:`crc32c_numpy`.
     """
     if _google_crc32c is not None:
-        u8: Any = _as_u8(data)
-        return int(_google_crc32c.extend(crc & _U32, u8.data if u8.size else b""))
+        u8 = _as_u8(data)
+        view = u8.view()
+        view.flags.writeable = False  # it takes read-only buffers only ("y#")
+        try:
+            return int(_google_crc32c.extend(crc & _U32, view if u8.size else b""))
+        except TypeError:  # a numpy whose arrays it does not accept: the numpy algorithm
+            pass
     return crc32c_numpy(data, crc)

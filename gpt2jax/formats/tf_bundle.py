@@ -10,10 +10,11 @@ problem with the files is a one-line :class:`~gpt2jax.errors.CheckpointError` na
 from __future__ import annotations
 
 import math
-import mmap
 import os
+import queue
 import secrets
-from collections.abc import Iterable, Iterator, Mapping
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -25,13 +26,6 @@ from gpt2jax.files import kind_of
 from .crc32c import crc32c, mask, unmask
 
 __all__ = ["BundleReader", "write_bundle", "data_filename"]
-
-try:  # jax depends on ml_dtypes, so bfloat16 is normally available
-    import ml_dtypes
-
-    _BFLOAT16: np.dtype | None = np.dtype(ml_dtypes.bfloat16)
-except ImportError:  # pragma: no cover - depends on the environment
-    _BFLOAT16 = None
 
 #: tensorflow/core/lib/io/format.h: kTableMagicNumber, Footer::kEncodedLength, kBlockTrailerSize.
 _TABLE_MAGIC = 0xDB4775248B80FB57
@@ -65,8 +59,18 @@ _NUMPY_DTYPES: dict[int, np.dtype] = {
     22: np.dtype("<u4"),  # DT_UINT32
     23: np.dtype("<u8"),  # DT_UINT64
 }
-if _BFLOAT16 is not None:
-    _NUMPY_DTYPES[_DT_BFLOAT16] = _BFLOAT16
+
+
+def _bfloat16() -> np.dtype | None:
+    """``ml_dtypes.bfloat16`` (jax depends on ml_dtypes), imported only when a bundle has one:
+    the import takes a second, which a float32 conversion does not pay."""
+    try:
+        import ml_dtypes
+    except ImportError:  # pragma: no cover - depends on the environment
+        return None
+    return np.dtype(ml_dtypes.bfloat16)
+
+
 _DT_NAMES = {
     0: "invalid",
     7: "string",
@@ -471,35 +475,29 @@ def _encode_key(name: str) -> bytes:
 
 
 class _Shard:
-    """A read-only mmap of one data file (none for an empty file: mmap cannot map 0 bytes)."""
+    """One open data file, read with ``readinto`` (no mapping: what a conversion reads stays in
+    the OS page cache, not in the process's resident set). Read from one thread at a time."""
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self.file: IO[bytes] | None = open(path, "rb")  # noqa: SIM115 - closed by close()
+        self.file: IO[bytes] | None = open(path, "rb", buffering=0)  # noqa: SIM115 - close()
         self.size = os.fstat(self.file.fileno()).st_size
-        self.map = mmap.mmap(self.file.fileno(), 0, access=mmap.ACCESS_READ) if self.size else None
 
-    def release(self, start: int, end: int) -> None:
-        """Drops the mapped pages of bytes ``start..end`` from this process's resident set.
-
-        The tensor has been copied out; without this every page read stays resident in the
-        mapping, and converting a model would hold the checkpoint twice (mapping + arrays).
-        The pages stay in the OS page cache, so a re-read is still cheap.
-        """
-        if self.map is None or not hasattr(mmap, "MADV_DONTNEED"):
-            return
-        first = start - start % mmap.PAGESIZE
-        last = min(end, self.size)
-        if last > first:
-            self.map.madvise(mmap.MADV_DONTNEED, first, last - first)
+    def read_at(self, offset: int, out: np.ndarray) -> None:
+        """Fills ``out`` (a writable, contiguous uint8 array) with the bytes at ``offset``."""
+        assert self.file is not None
+        view, done = memoryview(out), 0
+        self.file.seek(offset)
+        while done < out.size:
+            n = self.file.readinto(view[done:])
+            if not n:  # the file shrank since the index was checked against its size
+                raise CheckpointError(
+                    f"truncated: {self.path} ends at byte {offset + done}, expected "
+                    f"{offset + out.size}"
+                )
+            done += n
 
     def close(self) -> None:
-        if self.map is not None:
-            try:
-                self.map.close()
-            except BufferError:  # a view is still alive somewhere; the GC will unmap it
-                pass
-            self.map = None
         if self.file is not None:
             self.file.close()
             self.file = None
@@ -510,12 +508,14 @@ class BundleReader:
 
     ``prefix`` is what TF calls the checkpoint path, e.g. ``models/124M/model.ckpt``. Opening
     reads and checks the whole index (every block CRC, the header, that each data shard a tensor
-    lives in exists); each :meth:`read` then copies just that tensor's bytes out of a read-only
-    mmap of its data shard, so reading tensor by tensor never holds more than one in memory.
+    lives in exists); each :meth:`read` then reads just that tensor's bytes from its data shard,
+    so reading tensor by tensor never holds more than one in memory. :meth:`read_into` reads
+    into the caller's array (a slice of a stacked one: no second copy), and
+    :meth:`copy_tensors` streams many tensors in file order, their CRCs checked on threads.
 
-    :meth:`read` returns a fresh, writable, C-contiguous array that owns its memory (no reference
-    to the file remains), in the stored little-endian dtype and shape. Use as a context manager or
-    call :meth:`close` to release the mapped files.
+    :meth:`read` returns a fresh, writable, C-contiguous array that owns its memory, in the
+    stored little-endian dtype and shape. Use as a context manager or call :meth:`close` to
+    close the data files.
 
     The format (``tensorflow/core/util/tensor_bundle/tensor_bundle.cc`` and
     ``tensor_bundle.proto``): the index maps each tensor name to a ``BundleEntryProto`` (dtype,
@@ -631,7 +631,7 @@ class BundleReader:
     def dtype(self, name: str) -> np.dtype:
         """The numpy dtype ``read(name)`` returns (``ml_dtypes.bfloat16`` for DT_BFLOAT16)."""
         e = self._entry(name)
-        dtype = _NUMPY_DTYPES.get(e.dtype)
+        dtype = _bfloat16() if e.dtype == _DT_BFLOAT16 else _NUMPY_DTYPES.get(e.dtype)
         if dtype is None:
             what = _DT_NAMES.get(e.dtype, f"DataType {e.dtype}")
             if e.dtype == _DT_BFLOAT16:
@@ -656,12 +656,9 @@ class BundleReader:
             self._shards[shard_id] = shard
         return shard
 
-    def read(self, name: str, *, verify: bool = True) -> np.ndarray:
-        """Tensor ``name`` as a new array (little-endian, C order, stored dtype and shape).
-
-        ``verify`` checks the bytes against the CRC32C stored in the index (the index's own
-        block CRCs are always checked, when the reader is opened).
-        """
+    def _locate(self, name: str) -> tuple[_Entry, np.dtype, _Shard]:
+        """Tensor ``name``'s entry, dtype and open shard, after checking that its size agrees
+        with its shape and that its bytes lie within the real file."""
         e = self._entry(name)
         dtype = self.dtype(name)
         if e.sliced:
@@ -687,17 +684,119 @@ class BundleReader:
                 f"truncated: {shard.path} has {shard.size} bytes, tensor {name!r} needs bytes "
                 f"{e.offset}..{end}"
             )
-        raw = np.empty(e.size, dtype=np.uint8)  # size is now known to fit in the real file
-        if e.size:
-            assert shard.map is not None
-            raw[:] = np.frombuffer(shard.map, dtype=np.uint8, count=e.size, offset=e.offset)
-            shard.release(e.offset, end)
-        # checksum the copy we return, so the bytes verified are the bytes handed out
-        if verify and crc32c(raw) != unmask(e.crc32c):
-            raise CheckpointError(
-                f"corrupt: tensor {name!r} in {shard.path} fails its CRC32C check"
+        return e, dtype, shard
+
+    def _crc_error(self, name: str, shard: _Shard) -> CheckpointError:
+        return CheckpointError(f"corrupt: tensor {name!r} in {shard.path} fails its CRC32C check")
+
+    def read_into(self, name: str, out: np.ndarray, *, verify: bool = True) -> None:
+        """Reads tensor ``name`` into ``out``: a writable C-contiguous array of the tensor's
+        size in bytes (any shape and dtype; e.g. a layer's slice of a stacked array). The bytes
+        checked against the stored CRC32C are those in ``out``."""
+        e, _, shard = self._locate(name)
+        if not (out.flags.c_contiguous and out.flags.writeable) or out.nbytes != e.size:
+            raise ValueError(
+                f"read_into: {name!r} needs a writable C-contiguous array of {e.size} bytes"
             )
-        return raw.view(dtype).reshape(e.shape)
+        raw = out.reshape(-1).view(np.uint8)
+        if e.size:
+            shard.read_at(e.offset, raw)
+        if verify and crc32c(raw) != unmask(e.crc32c):
+            raise self._crc_error(name, shard)
+
+    def read(self, name: str, *, verify: bool = True) -> np.ndarray:
+        """Tensor ``name`` as a new array (little-endian, C order, stored dtype and shape).
+
+        ``verify`` checks the bytes against the CRC32C stored in the index (the index's own
+        block CRCs are always checked, when the reader is opened).
+        """
+        e, dtype, _ = self._locate(name)
+        out = np.empty(e.size, dtype=np.uint8)  # size is now known to fit in the real file
+        self.read_into(name, out, verify=verify)
+        return out.view(dtype).reshape(e.shape)
+
+    def copy_tensors(
+        self,
+        sinks: Mapping[str, Callable[[int, np.ndarray], object]],
+        *,
+        workers: int = 2,
+        piece: int = 16 << 20,
+        progress: Callable[[int], object] | None = None,
+    ) -> None:
+        """Streams the tensors named in ``sinks``, in the order they lie in the data files, to
+        their sinks: ``sink(offset, data)`` gets the tensor's bytes from ``offset`` on (uint8,
+        valid only during the call), piece by piece, in order, on a worker thread. The main
+        thread reads the next pieces while ``workers`` threads check each tensor's CRC32C and
+        call the sinks; a tensor that fails its check raises (after some of its bytes went to
+        its sink: the caller discards what it wrote). Everything is checked before any byte is
+        read, so a bad index fails first. Pieces are ``piece`` bytes (a tensor's last one may be
+        shorter): with a multiple of the itemsize, no element is split. Memory: ``2 * workers
+        + 1`` buffers of ``piece`` bytes."""
+        located = sorted(
+            ((name, *self._locate(name)) for name in sinks),
+            key=lambda t: (t[1].shard_id, t[1].offset),
+        )
+        largest = max((t[1].size for t in located), default=0)
+        free: queue.Queue = queue.Queue()
+        for _ in range(2 * workers + 1 if largest else 0):
+            free.put(np.empty(min(piece, largest), np.uint8))
+        todo: list[queue.Queue] = [queue.Queue() for _ in range(workers)]
+        failures: list[BaseException] = []
+        stop = threading.Event()
+
+        def work(items: queue.Queue) -> None:
+            crc = 0
+            while (item := items.get()) is not None:
+                name, e, shard, offset, buf, n = item
+                try:
+                    if not stop.is_set():
+                        data = buf[:n] if buf is not None else np.empty(0, np.uint8)
+                        crc = crc32c(data, crc if offset else 0)
+                        sinks[name](offset, data)
+                        if offset + n == e.size and crc != unmask(e.crc32c):
+                            raise self._crc_error(name, shard)
+                except BaseException as err:  # handed to the main thread
+                    failures.append(err)
+                    stop.set()
+                finally:
+                    if buf is not None:
+                        free.put(buf)
+
+        threads = [
+            threading.Thread(target=work, args=(q,), name="gpt2jax-bundle", daemon=True)
+            for q in todo
+        ]
+        for t in threads:
+            t.start()
+        try:
+            for k, (name, e, _, shard) in enumerate(located):
+                if e.size == 0:
+                    todo[k % workers].put((name, e, shard, 0, None, 0))
+                offset = 0
+                while offset < e.size and not stop.is_set():
+                    buf = free.get()
+                    n = min(buf.size, e.size - offset)
+                    try:
+                        shard.read_at(e.offset + offset, buf[:n])
+                    except BaseException:
+                        free.put(buf)
+                        raise
+                    todo[k % workers].put((name, e, shard, offset, buf, n))
+                    offset += n
+                    if progress is not None:
+                        progress(n)
+                if stop.is_set():
+                    break
+        except BaseException:
+            stop.set()  # the workers skip what is queued; their sinks are not called again
+            raise
+        finally:
+            for q in todo:
+                q.put(None)
+            for t in threads:
+                t.join()
+        if failures:
+            raise failures[0]
 
     def items(self, *, verify: bool = True) -> Iterator[tuple[str, np.ndarray]]:
         """``(name, array)`` for every tensor in stored order, reading one tensor at a time."""
@@ -708,7 +807,7 @@ class BundleReader:
         return self.items()
 
     def close(self) -> None:
-        """Unmap and close the data shards (the reader may be reopened by reading again)."""
+        """Close the data shards (the reader reopens them if read again)."""
         for shard in self._shards.values():
             shard.close()
         self._shards.clear()
@@ -733,10 +832,10 @@ class BundleReader:
 
 
 def _dtype_enum(dtype: np.dtype) -> int | None:
-    if _BFLOAT16 is not None and dtype == _BFLOAT16:
+    if dtype.name == "bfloat16":
         return _DT_BFLOAT16
     for enum, known in _NUMPY_DTYPES.items():
-        if enum != _DT_BFLOAT16 and dtype.kind == known.kind and dtype.itemsize == known.itemsize:
+        if dtype.kind == known.kind and dtype.itemsize == known.itemsize:
             return enum
     return None
 

@@ -5,7 +5,8 @@ Layout (written atomically, :mod:`gpt2jax.store.atomic`)::
     ckpt/124M/
       config.json          {"format": "gpt2jax", "format_version": 1, "config": {...},
                             "dtype": "float32", "num_params": ..., "source": {...}}
-      params/              the parameter tree, saved with orbax-checkpoint
+      params/              the parameter tree, an orbax checkpoint (``convert`` writes it
+                           directly: :mod:`gpt2jax.store.orbax_layout`)
       encoder.json         the tokenizer files (copied from the source, when it had them)
       vocab.bpe
 """
@@ -18,9 +19,9 @@ import os
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
-import jax
 import numpy as np
 
 from gpt2jax.config import GPT2Config, read_json
@@ -90,26 +91,60 @@ def save_model_dir(
     ``tokenizer_dir`` when it has them. ``path`` must not overlap ``inputs`` or
     ``tokenizer_dir`` (:func:`gpt2jax.store.atomic.atomic_dir`).
     """
+    import jax
+
+    if dtype is not None:
+        params = jax.tree.map(lambda x: np.asarray(x).astype(dtype), params)
+    leaves = jax.tree.leaves(params)
+    names = {dtype_name(x.dtype) for x in leaves}
+    write_model_dir(
+        path,
+        config,
+        lambda params_dir: save_params(params_dir, params),
+        dtype=names.pop() if len(names) == 1 else "mixed",
+        num_params=int(sum(np.prod(x.shape) for x in leaves)),
+        tokenizer_dir=tokenizer_dir,
+        source=source,
+        overwrite=overwrite,
+        inputs=inputs,
+    )
+
+
+def write_model_dir(
+    path: str | os.PathLike,
+    config: GPT2Config,
+    write_params: Callable[[str], None],
+    *,
+    dtype: str,
+    num_params: int,
+    tokenizer_dir: str | os.PathLike | None = None,
+    source: dict[str, Any] | None = None,
+    overwrite: bool = False,
+    inputs: tuple[str | os.PathLike, ...] = (),
+) -> None:
+    """Writes a model directory atomically, its parameters by ``write_params(params_dir)``
+    (:func:`save_params`, or a converter streaming them); ``dtype`` is their dtype's name.
+    An error writing them (a full disk) is one line naming ``path``."""
     with atomic_dir(
         path, overwrite=overwrite, inputs=inputs, reads=[tokenizer_dir], utf8=True
     ) as tmp:
-        if dtype is not None:
-            params = jax.tree.map(lambda x: np.asarray(x).astype(dtype), params)
-        leaves = jax.tree.leaves(params)
-        names = {dtype_name(x.dtype) for x in leaves}
         meta = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "config": config.to_dict(),
-            "dtype": names.pop() if len(names) == 1 else "mixed",
-            "num_params": int(sum(np.prod(x.shape) for x in leaves)),
+            "dtype": dtype,
+            "num_params": num_params,
             "source": source or {},
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         try:
-            save_params(os.path.join(tmp, PARAMS_DIR), params)
+            write_params(os.path.join(tmp, PARAMS_DIR))
         except CheckpointError as e:  # named as the user named it, not as the temporary copy
             raise CheckpointError(str(e).replace(tmp, os.path.abspath(path))) from None
+        except OSError as e:
+            raise CheckpointError(
+                f"{os.path.abspath(path)}: writing the parameters failed ({reason(e)})"
+            ) from None
         if tokenizer_dir is not None:
             for name in TOKENIZER_FILES:
                 src = os.path.join(tokenizer_dir, name)
@@ -129,6 +164,7 @@ def save_params(params_dir: str, params: Any) -> None:
     arrays through orbax's array handler, uncompressed; the directory restores with any orbax
     checkpointer (``restore_params`` uses ``StandardCheckpointer``).
     """
+    import jax
     import orbax.checkpoint as ocp
 
     handlers = ocp.type_handlers
@@ -210,6 +246,7 @@ def restore_params(
     one sharding for every leaf): the arrays are then restored straight onto devices; without it
     they come back as numpy arrays in host memory.
     """
+    import jax
     import orbax.checkpoint as ocp
 
     from gpt2jax.convert.mapping import flatten, our_shapes

@@ -23,12 +23,11 @@ import optax
 
 from gpt2jax.errors import ConfigError
 from gpt2jax.train.memory.precision import scale_by_adam_lowp, scale_by_momentum_lowp
+from gpt2jax.train.settings import OPTIMIZERS, SCHEDULES
 
-OPTIMIZERS = ("adamw", "adafactor", "sgd")
 #: the optimizers whose update of each element depends on that element alone (Adafactor's
 #: factored statistics and RMS scaling are per matrix)
 ELEMENTWISE = ("adamw", "sgd")
-SCHEDULES = ("constant", "cosine", "linear")
 SGD_MOMENTUM = 0.9
 
 

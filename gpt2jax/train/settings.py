@@ -10,13 +10,16 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from gpt2jax.attention import IMPLEMENTATIONS
+from gpt2jax.config import ATTENTION_IMPLEMENTATIONS as IMPLEMENTATIONS
+from gpt2jax.config import REMAT_POLICIES
 from gpt2jax.dtypes import COMPUTE, TRAINING
 from gpt2jax.errors import ConfigError
-from gpt2jax.model import REMAT_POLICIES
 from gpt2jax.validate import check_number
 
 PARALLEL = ("data", "fsdp")
+#: The optimizers and learning-rate schedules (:mod:`gpt2jax.train.optim` builds them).
+OPTIMIZERS = ("adamw", "adafactor", "sgd")
+SCHEDULES = ("constant", "cosine", "linear")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,8 +117,6 @@ class MemorySettings:
 
     def validate(self) -> None:
         """Raises :class:`ConfigError` naming the flag of an impossible setting."""
-        from gpt2jax.train.optim import OPTIMIZERS
-
         choices = {
             "remat": REMAT_POLICIES,
             "compute_dtype": COMPUTE,

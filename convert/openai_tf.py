@@ -172,12 +172,12 @@ def convert_openai_dir(
 
     src = os.fspath(src)
     check_destination(dst, overwrite=overwrite, inputs=[src], utf8=True)  # before any work
+    config = read_hparams(src)
     if any(os.path.exists(os.path.join(src, name)) for name in TOKENIZER_FILES):
         # files that disagree, or a vocabulary of another size, are refused now, not when
         # loading DST
         tokenizer = Tokenizer.from_dir(src)
-        tokenizer.check_model_vocab(read_hparams(src).n_vocab, os.path.join(src, "hparams.json"))
-    config = read_hparams(src)
+        tokenizer.check_model_vocab(config.n_vocab, os.path.join(src, "hparams.json"))
     with _open_checked(src, config) as reader:
         total = _nbytes(reader)
         with progress_bar(total, "converting", unit="B", enabled=show_progress) as bar:

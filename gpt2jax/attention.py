@@ -24,7 +24,6 @@ from gpt2jax.errors import ConfigError
 
 Array = jax.Array
 
-IMPLEMENTATIONS = ATTENTION_IMPLEMENTATIONS
 #: Queries per tile of the blockwise attention.
 BLOCK_Q = 256
 #: Score elements per head in one tile (BLOCK_Q x 256): decoding, with one query, takes the
@@ -35,8 +34,10 @@ MASKED = -1e10  # what OpenAI's code writes into masked scores
 
 def check_name(name: str) -> None:
     """A clear error naming ``--attention`` for an unknown implementation."""
-    if name not in IMPLEMENTATIONS:
-        raise ConfigError(f"--attention must be one of {', '.join(IMPLEMENTATIONS)}, got {name!r}")
+    if name not in ATTENTION_IMPLEMENTATIONS:
+        raise ConfigError(
+            f"--attention must be one of {', '.join(ATTENTION_IMPLEMENTATIONS)}, got {name!r}"
+        )
 
 
 def choose(

@@ -22,6 +22,8 @@ EOT_TOKEN = 50256
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "blockwise", "cudnn", "splash")
 #: What a block keeps for the backward pass (:class:`gpt2jax.model.GPT2`'s ``remat``).
 REMAT_POLICIES = ("none", "block", "dots")
+#: ``--remat``'s choices: a policy, or ``auto`` (:func:`gpt2jax.device.default_remat`).
+REMAT_CHOICES = ("auto", *REMAT_POLICIES)
 
 #: The largest value of each shape field a config may hold: far above any GPT-2 (48 layers,
 #: 1600 wide, 1024 positions), low enough that what is built per layer, per position or per

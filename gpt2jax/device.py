@@ -5,6 +5,7 @@
   dynamic loss scaling (:mod:`gpt2jax.loss_scale`) on older GPUs (T4, V100), which have float16
   tensor cores only; float32 on CPUs. Parameters stay float32 (the master copy), and
   LayerNorm statistics, the softmax, the logits and the loss are float32 whatever the compute.
+* **Rematerialisation** (:func:`default_remat`): ``dots`` on CPUs, ``none`` elsewhere.
 * **KV cache dtype** (:func:`kv_cache_dtype`): the compute dtype, except float32 on a CPU.
 * **Persistent compile cache** (:func:`enable_compile_cache`).
 """
@@ -59,6 +60,23 @@ def default_compute_dtype(device: Device | None = None) -> str:
 def resolve_compute_dtype(name: str | None, device: Device | None = None) -> str:
     """``name``, or the device's default for ``None``/``"auto"``."""
     return default_compute_dtype(device) if name in (None, "auto") else name
+
+
+def default_remat(device: Device | None = None) -> str:
+    """What training blocks keep for the backward pass here by default.
+
+    On a CPU, ``dots``: keeping only the matmul outputs and recomputing the elementwise work made
+    the 124M step 9-13% faster than keeping everything (XLA zero-fills and copies every stacked
+    activation of the layer scan; BENCHMARKS.md). Elsewhere ``none``, which was never measured
+    against ``dots`` on an accelerator.
+    """
+    device = device or describe()
+    return "dots" if device.platform == "cpu" else "none"
+
+
+def resolve_remat(name: str | None, device: Device | None = None) -> str:
+    """``name``, or the device's default for ``None``/``"auto"``."""
+    return default_remat(device) if name in (None, "auto") else name
 
 
 def needs_loss_scaling(compute_dtype: str) -> bool:

@@ -7,9 +7,11 @@ Usage::
 
 Three sides train the same shape from random weights with AdamW (lr 1e-4 constant, weight decay
 0.01, clipping at 1.0, no dropout, float32): ``finetune`` is the command users run
-(``gpt2jax finetune --init 124M``, in-process, on text; its step times are the intervals its
-own metrics.jsonl records), ``step`` a bare pmapped step with a plain optax chain on random
-batches, ``torch`` transformers' GPT2LMHeadModel with torch.optim.AdamW on the same batches.
+(``python -m gpt2jax finetune --init 124M``, a subprocess on text, which restarts itself with
+its host settings, :mod:`gpt2jax.cli.restart`; its step times are the intervals its own
+metrics.jsonl records), ``step`` a bare pmapped step with a plain optax chain on random batches
+(in the same host settings), ``torch`` transformers' GPT2LMHeadModel with torch.optim.AdamW on
+the same batches (in the environment the script was started in).
 Each side runs in its own child process, one after the other, so that its peak RSS is its own
 and they do not compete for the cores. Reported per side (medians over the timed steps, which
 follow one warm-up step): step time, tokens/s, the slowest timed step over the median, compile
@@ -41,6 +43,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=4, help="sequences per step")
     p.add_argument("--seq", type=int, help="tokens per sequence (default 256; --tiny: 32)")
     p.add_argument("--steps", type=int, default=5, help="timed steps (after one warm-up step)")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run every side this many times, in rotating order (this VM's speed drifts by "
+        "10%% from minute to minute; ratios are taken within each round, then the median)",
+    )
     p.add_argument("--tiny", action="store_true", help="a small model and batch: smoke test")
     p.add_argument("--layers", type=int, help="override the number of layers (a quicker look)")
     p.add_argument("--side", choices=SIDES + ("matmul",), help=argparse.SUPPRESS)
@@ -105,10 +114,9 @@ def timed_steps(times: list[float]) -> dict:
 
 
 def run_finetune(args: argparse.Namespace) -> dict:
-    """``gpt2jax finetune`` itself, in this process; step times from its metrics.jsonl."""
+    """``python -m gpt2jax finetune``, the command itself (it restarts itself with its host
+    settings, :mod:`gpt2jax.cli.restart`); step times from its metrics.jsonl."""
     import tempfile
-
-    from gpt2jax.cli.main import main as cli
 
     config = shape(args)
     with tempfile.TemporaryDirectory(prefix="bench_train-") as tmp:
@@ -126,26 +134,30 @@ def run_finetune(args: argparse.Namespace) -> dict:
         else:
             start = ["--init", "124M"]
         out = os.path.join(tmp, "run")
+        cmd = [sys.executable, "-m", "gpt2jax", "finetune", *start, "--data", data, "--out", out]
+        cmd += ["--steps", str(args.steps + 1), "--batch-size", str(args.batch)]
+        cmd += ["--seq-len", str(args.seq), "--lr", "1e-4", "--schedule", "constant"]
+        cmd += ["--weight-decay", "0.01", "--clip", "1.0", "--sample-every", "0"]
+        cmd += ["--eval-every", "0", "--eval-batches", "1"]
         t = time.perf_counter()
-        code = cli(
-            ["finetune", *start, "--data", data, "--out", out, "--steps", str(args.steps + 1)]
-            + ["--batch-size", str(args.batch), "--seq-len", str(args.seq), "--lr", "1e-4"]
-            + ["--schedule", "constant", "--weight-decay", "0.01", "--clip", "1.0"]
-            + ["--sample-every", "0", "--eval-every", "0", "--eval-batches", "1"]
-        )
+        run = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
         wall = time.perf_counter() - t
-        if code:
-            sys.exit(f"finetune exited with {code}")
+        if run.returncode:
+            sys.exit(f"finetune exited with {run.returncode}:\n{run.stderr[-3000:]}")
         with open(os.path.join(out, "metrics.jsonl"), encoding="utf-8") as f:
             records = [json.loads(line) for line in f]
     elapsed = [r["elapsed"] for r in records if "tokens_per_s" in r]
     times = [elapsed[i + 1] - elapsed[i] for i in range(len(elapsed) - 1)]  # after the first
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return {
         **timed_steps(times),
         "first_step_s": elapsed[0],
         "wall_s": wall,
         "loss": [r for r in records if "tokens_per_s" in r][-1]["loss"],
-        "peak_rss_gib": peak_rss_gib(),
+        "peak_rss_gib": usage.ru_maxrss / 2**20,
+        "process_sys_s": usage.ru_stime,  # the whole command: start-up and compile included
+        "process_minor_faults": usage.ru_minflt,
+        "huge_pages": "host: malloc asks for transparent huge pages" in run.stderr,
     }
 
 
@@ -233,7 +245,12 @@ def child(args: argparse.Namespace, side: str) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--side", side, "--batch", str(args.batch)]
     cmd += ["--seq", str(args.seq), "--steps", str(args.steps)] + (["--tiny"] if args.tiny else [])
     cmd += ["--layers", str(args.layers)] if args.layers else []
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    env = None
+    if side == "step":  # the host settings finetune restarts itself with (none for torch)
+        from gpt2jax.cli.restart import host_environment
+
+        env = host_environment()
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
     if out.returncode:
         sys.exit(f"bench_train: the {side} side failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -250,40 +267,71 @@ def main(argv: list[str] | None = None) -> None:
     config = shape(args)
     tokens = args.batch * args.seq
     rate = child(args, "matmul")["matmul_flops_per_s"]
-    sides = {side: child(args, side) for side in SIDES}
+    rounds = []
+    for i in range(args.rounds):  # the order rotates, so that no side always runs first
+        order = SIDES[i % len(SIDES) :] + SIDES[: i % len(SIDES)]
+        rounds.append({side: child(args, side) for side in order})
+        for r in rounds[-1].values():
+            r["tokens_per_s"] = tokens / r["step_s"]
     fpt = flops_per_token(config, args.seq)
     name = ("tiny" if args.tiny else "124M") + (
         f" ({config.n_layer} layers)" if args.layers else ""
     )
     print(
         f"{name} float32, batch {args.batch} x {args.seq} tokens, AdamW, medians of "
-        f"{args.steps} steps; matmul rate {rate / 1e9:.1f} GFLOP/s, "
+        f"{args.steps} steps, {args.rounds} round(s); matmul rate {rate / 1e9:.1f} GFLOP/s, "
         f"{fpt / 1e6:.1f} MFLOP per token"
     )
     print(
         f"{'':10} {'tokens/s':>9} {'step s':>8} {'slowest':>8} {'compile s':>10} "
         f"{'peak RSS':>9} {'MFU':>6}"
     )
-    for side, r in sides.items():
-        r["tokens_per_s"] = tokens / r["step_s"]
-        r["mfu"] = fpt * r["tokens_per_s"] / rate
-        compile_s = {"finetune": "ahead", "torch": "eager"}.get(
-            side, f"{r.get('compile_s', 0):.1f}"
-        )
+    sides = {}
+    for side in SIDES:  # over rounds: the median step, the slowest step, the largest peak
+        runs = [r[side] for r in rounds]
+        step_s = statistics.median(r["step_s"] for r in runs)
+        sides[side] = {
+            "step_s": step_s,
+            "tokens_per_s": tokens / step_s,
+            "mfu": fpt * tokens / step_s / rate,
+            "slowest_over_median": max(r["slowest_over_median"] for r in runs),
+            "peak_rss_gib": max(r["peak_rss_gib"] for r in runs),
+        }
+        compile_s = {"finetune": "ahead", "torch": "eager"}.get(side)
+        compile_s = compile_s or f"{statistics.median(r['compile_s'] for r in runs):.1f}"
+        r = sides[side]
         print(
             f"{side:10} {r['tokens_per_s']:9.1f} {r['step_s']:8.3f} "
             f"{r['slowest_over_median']:7.2f}x {compile_s:>10} "
             f"{r['peak_rss_gib']:7.2f}GiB {100 * r['mfu']:5.1f}%"
         )
-    torch_rate = sides["torch"]["tokens_per_s"]
-    ratios = {side: sides[side]["tokens_per_s"] / torch_rate for side in ("finetune", "step")}
+    huge = rounds[0]["finetune"]["huge_pages"]
     print(
-        f"tokens/s over torch's: finetune {ratios['finetune']:.2f}x (target >= 1.0x, stretch "
-        f"1.1x), bare step {ratios['step']:.2f}x; finetune's slowest timed step "
+        "finetune and step ran with "
+        + ("transparent huge pages (glibc.malloc.hugetlb=1)" if huge else "glibc's defaults")
+        + "; torch in this script's environment"
+    )
+    # Each round's sides over its torch side (they ran minutes apart, not hours), then the median.
+    per_round = {
+        side: [r[side]["tokens_per_s"] / r["torch"]["tokens_per_s"] for r in rounds]
+        for side in ("finetune", "step")
+    }
+    ratios = {side: statistics.median(v) for side, v in per_round.items()}
+    print(
+        f"tokens/s over torch's (median of the rounds' ratios): finetune "
+        f"{ratios['finetune']:.2f}x (target >= 1.0x, stretch 1.1x), bare step "
+        f"{ratios['step']:.2f}x; finetune's slowest timed step "
         f"{sides['finetune']['slowest_over_median']:.2f}x its median (target <= 1.2x)"
     )
+    if args.rounds > 1:
+        print(
+            "each round: finetune "
+            + ", ".join(f"{x:.2f}x" for x in per_round["finetune"])
+            + "; bare step "
+            + ", ".join(f"{x:.2f}x" for x in per_round["step"])
+        )
     summary = {"shape": name, "batch": args.batch, "seq": args.seq, "matmul_flops_per_s": rate}
-    print(json.dumps({**summary, **sides, "ratios": ratios}))
+    print(json.dumps({**summary, **sides, "ratios": ratios, "rounds": rounds}))
 
 
 if __name__ == "__main__":

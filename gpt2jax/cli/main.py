@@ -17,6 +17,7 @@ from collections.abc import Callable
 from gpt2jax.cli.generate import add_allow_changed_base, add_generate
 from gpt2jax.cli.launch import add_launch
 from gpt2jax.cli.plan import add_plan
+from gpt2jax.cli.restart import restart_with_huge_pages
 from gpt2jax.cli.train import add_eval, add_finetune
 from gpt2jax.errors import Gpt2JaxError, Terminated
 
@@ -391,6 +392,8 @@ def main(argv: list[str] | None = None) -> int:
     program = argv is None  # the command itself, not a call from Python code
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    if program and args.command == "finetune":
+        restart_with_huge_pages()  # returns where it changes nothing
     debug = args.debug or os.environ.get("GPT2JAX_DEBUG") == "1"
     try:
         return args.func(args) or 0

@@ -19,15 +19,16 @@ def add_memory_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> 
     default to None, so that a command can tell which were given (the defaults in the help are
     :class:`gpt2jax.train.memory.build.MemorySettings`'s)."""
     from gpt2jax.config import ATTENTION_IMPLEMENTATIONS as IMPLEMENTATIONS
-    from gpt2jax.config import REMAT_POLICIES
+    from gpt2jax.config import REMAT_CHOICES
     from gpt2jax.dtypes import COMPUTE, TRAINING
     from gpt2jax.train.settings import OPTIMIZERS, PARALLEL, MemorySettings
 
     dtypes = TRAINING
     flags = (
-        ("--remat", dict(choices=REMAT_POLICIES, type=_remat), "recompute activations in "
+        ("--remat", dict(choices=REMAT_CHOICES, type=_remat), "recompute activations in "
          "the backward pass: none, dots (keep matmul outputs) or block (keep each block's "
-         "input; 'full' is accepted for it)"),
+         "input; 'full' is accepted for it); auto = dots on CPUs (faster there), none on "
+         "GPUs and TPUs"),
         ("--optimizer", dict(choices=OPTIMIZERS), "adamw, adafactor or sgd (momentum 0.9)"),
         ("--opt-state-dtype", dict(choices=dtypes), "AdamW's moments / SGD's momentum dtype"),
         ("--param-dtype", dict(choices=dtypes), "dtype the parameters are stored in"),

@@ -17,6 +17,7 @@ from typing import Any
 
 from gpt2jax.cli.generate import add_allow_changed_base
 from gpt2jax.cli.plan import ATTENTION_HELP, add_memory_flags
+from gpt2jax.cli.restart import HUGETLB, huge_pages_on
 from gpt2jax.config import ATTENTION_IMPLEMENTATIONS as IMPLEMENTATIONS
 from gpt2jax.dtypes import COMPUTE
 from gpt2jax.errors import ConfigError
@@ -95,7 +96,11 @@ def add_finetune(sub: argparse._SubParsersAction) -> None:
         description="Fine-tune MODEL (any model directory, or a run directory) on --data, "
         "writing checkpoints, metrics and samples to the run directory --out. "
         "`gpt2jax finetune --resume RUN` continues a run exactly where it stopped, with the "
-        "settings recorded in RUN/run.json. Ctrl-C saves a checkpoint before exiting.",
+        "settings recorded in RUN/run.json. Ctrl-C saves a checkpoint before exiting. "
+        "On Linux with glibc 2.35+ and transparent huge pages set to madvise, the command "
+        "restarts itself once with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (fewer page faults "
+        "in XLA's CPU steps); setting glibc.malloc.hugetlb in GLIBC_TUNABLES yourself "
+        "(e.g. =0) keeps your choice.",
     )
     p.add_argument("model", nargs="?", help="starting model directory (or use --init SIZE)")
     p.add_argument(
@@ -254,6 +259,12 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     from gpt2jax.train.settings import TrainConfig
 
     log_to_stderr()
+    if huge_pages_on():
+        logging.getLogger("gpt2jax").info(
+            "host: malloc asks for transparent huge pages (GLIBC_TUNABLES=%s=1: XLA's CPU "
+            "steps fault their scratch in 2 MiB pages; set the tunable yourself to choose)",
+            HUGETLB,
+        )
     cache_compiled_code()
     if not (args.debug or os.environ.get("GPT2JAX_DEBUG") == "1"):
         quiet_background_errors()

@@ -192,9 +192,10 @@ def _prepare(
         # recorded, so that a resume keeps the lr's horizon
         if train.schedule.schedule_steps is None:
             train = train.replace(schedule_steps=train.schedule.steps)
-        # "auto" becomes this device's dtype, recorded so that a resume computes the same way
+        # "auto" becomes this device's choice, recorded so that a resume computes the same way
         train = train.replace(
-            compute_dtype=device.resolve_compute_dtype(train.memory_settings.compute_dtype)
+            compute_dtype=device.resolve_compute_dtype(train.memory_settings.compute_dtype),
+            remat=device.resolve_remat(train.memory_settings.remat),
         )
     run = _Run(out, config, train, tokenizer, cache_dir, show_progress, allow_changed_base)
     if not resume:  # only once the data and settings have proved usable

@@ -11,7 +11,7 @@ import dataclasses
 from typing import Any
 
 from gpt2jax.config import ATTENTION_IMPLEMENTATIONS as IMPLEMENTATIONS
-from gpt2jax.config import REMAT_POLICIES
+from gpt2jax.config import REMAT_CHOICES
 from gpt2jax.dtypes import COMPUTE, TRAINING
 from gpt2jax.errors import ConfigError
 from gpt2jax.validate import check_number
@@ -83,7 +83,8 @@ class MemorySettings:
     them; :mod:`gpt2jax.train.memory.planner` searches them); defaults: all off.
 
     ==================  =======================================================================
-    ``remat``           ``none`` / ``dots`` / ``block`` (:class:`gpt2jax.model.GPT2`)
+    ``remat``           ``none`` / ``dots`` / ``block`` (:class:`gpt2jax.model.GPT2`), or
+                        ``auto``: the device's (:func:`gpt2jax.device.default_remat`)
     ``compute_dtype``   what matmuls run in (``auto``: the device's, :mod:`gpt2jax.device`;
                         float16 trains with loss scaling); LayerNorm statistics, softmax,
                         logits and the loss stay float32
@@ -102,7 +103,8 @@ class MemorySettings:
     ==================  =======================================================================
     """
 
-    remat: str = "none"
+    # "auto": the device's (gpt2jax.device.default_remat), resolved when a run starts
+    remat: str = "auto"
     # "auto": the device's (gpt2jax.device.default_compute_dtype), resolved when a run starts
     compute_dtype: str = "auto"
     param_dtype: str = "float32"
@@ -118,7 +120,7 @@ class MemorySettings:
     def validate(self) -> None:
         """Raises :class:`ConfigError` naming the flag of an impossible setting."""
         choices = {
-            "remat": REMAT_POLICIES,
+            "remat": REMAT_CHOICES,
             "compute_dtype": COMPUTE,
             "attention": IMPLEMENTATIONS,
             "param_dtype": TRAINING,

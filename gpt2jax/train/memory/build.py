@@ -88,7 +88,7 @@ def build(
         config,
         dtype=dtype(device.resolve_compute_dtype(settings.compute_dtype)),
         param_dtype=dtype(settings.param_dtype),
-        remat=settings.remat,
+        remat=device.resolve_remat(settings.remat),
         attention=settings.attention,
     )
     base = make_optimizer(
@@ -119,7 +119,7 @@ def build(
         model, loss_chunk=settings.loss_chunk, prepare=chain(*prepares) if prepares else None
     )
     accumulate = None
-    if settings.remat == "block" and not prepares:  # the model's own tree, trained whole
+    if model.remat == "block" and not prepares:  # the model's own tree, trained whole
         accumulate = make_accumulate(model, settings.loss_chunk)
     return Recipe(
         model=model, tx=tx, loss_fn=loss_fn, settings=settings, lora_scale=scale,

@@ -22,7 +22,7 @@ import numpy as np
 import optax
 
 from gpt2jax.config import GPT2Config
-from gpt2jax.device import needs_loss_scaling, resolve_compute_dtype
+from gpt2jax.device import needs_loss_scaling, resolve_compute_dtype, resolve_remat
 from gpt2jax.errors import ConfigError
 from gpt2jax.loss_scale import LossScale
 from gpt2jax.train.memory.build import build
@@ -201,7 +201,7 @@ def candidates(
         states = [(o, d) for o, d in states if d == base.opt_state_dtype]
     if not states:
         raise ConfigError(f"--opt-state-dtype {base.opt_state_dtype} does not apply to adafactor")
-    remats = [base.remat] if "remat" in fixed else list(REMAT_COST)
+    remats = [resolve_remat(base.remat)] if "remat" in fixed else list(REMAT_COST)
     chunks = [0, LOSS_CHUNK] if seq_len > LOSS_CHUNK else [0]
     if "loss_chunk" in fixed:
         chunks = [base.loss_chunk]

@@ -8,7 +8,7 @@ Usage::
 Three sides train the same shape from random weights with AdamW (lr 1e-4 constant, weight decay
 0.01, clipping at 1.0, no dropout, float32): ``finetune`` is the command users run
 (``python -m gpt2jax finetune --init 124M``, a subprocess on text, which restarts itself with
-its host settings, :mod:`gpt2jax.cli.restart`; its step times are the intervals its own
+its host settings, :mod:`gpt2jax.host_malloc`; its step times are the intervals its own
 metrics.jsonl records), ``step`` a bare pmapped step with a plain optax chain on random batches
 (in the same host settings), ``torch`` transformers' GPT2LMHeadModel with torch.optim.AdamW on
 the same batches (in the environment the script was started in).
@@ -115,8 +115,10 @@ def timed_steps(times: list[float]) -> dict:
 
 def run_finetune(args: argparse.Namespace) -> dict:
     """``python -m gpt2jax finetune``, the command itself (it restarts itself with its host
-    settings, :mod:`gpt2jax.cli.restart`); step times from its metrics.jsonl."""
+    settings, :mod:`gpt2jax.host_malloc`); step times from its metrics.jsonl."""
     import tempfile
+
+    from gpt2jax.host_malloc import HUGE_PAGES_NOTE
 
     config = shape(args)
     with tempfile.TemporaryDirectory(prefix="bench_train-") as tmp:
@@ -157,7 +159,7 @@ def run_finetune(args: argparse.Namespace) -> dict:
         "peak_rss_gib": usage.ru_maxrss / 2**20,
         "process_sys_s": usage.ru_stime,  # the whole command: start-up and compile included
         "process_minor_faults": usage.ru_minflt,
-        "huge_pages": "host: malloc asks for transparent huge pages" in run.stderr,
+        "huge_pages": HUGE_PAGES_NOTE in run.stderr,
     }
 
 
@@ -247,7 +249,7 @@ def child(args: argparse.Namespace, side: str) -> dict:
     cmd += ["--layers", str(args.layers)] if args.layers else []
     env = None
     if side == "step":  # the host settings finetune restarts itself with (none for torch)
-        from gpt2jax.cli.restart import host_environment
+        from gpt2jax.host_malloc import host_environment
 
         env = host_environment()
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)

@@ -22,8 +22,8 @@ import sys
 import pytest
 
 from conftest import FIXTURES, TOKENIZER_DIR
-from gpt2jax.cli.restart import host_environment, huge_pages_on
 from gpt2jax.config import GPT2Config
+from gpt2jax.host_malloc import HUGE_PAGES_NOTE, host_environment, huge_pages_on
 from gpt2jax.model import init_params
 from gpt2jax.store.model_dir import save_model_dir
 
@@ -66,8 +66,8 @@ def test_whole_run_peak_is_within_15_percent_of_the_plan(tmp_path, model_dir):
     code, log, peak = run_measured(args, tmp_path)
     assert code == 0, log
     # The command restarted itself with transparent huge pages where this host takes them, and
-    # the figure is measured with them (gpt2jax.cli.restart).
-    huge = "host: malloc asks for transparent huge pages" in log
+    # the figure is measured with them (gpt2jax.host_malloc).
+    huge = HUGE_PAGES_NOTE in log
     assert huge == (host_environment() is not None or huge_pages_on()), log
     m = re.search(r"whole run ([0-9.]+) GB", log)
     assert m, log

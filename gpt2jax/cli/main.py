@@ -17,9 +17,9 @@ from collections.abc import Callable
 from gpt2jax.cli.generate import add_allow_changed_base, add_generate
 from gpt2jax.cli.launch import add_launch
 from gpt2jax.cli.plan import add_plan
-from gpt2jax.cli.restart import restart_with_huge_pages
 from gpt2jax.cli.train import add_eval, add_finetune
 from gpt2jax.errors import Gpt2JaxError, Terminated
+from gpt2jax.host_malloc import restart_with_huge_pages
 
 DTYPE_CHOICES = ("float32", "bfloat16", "float16")
 

@@ -17,7 +17,6 @@ from typing import Any
 
 from gpt2jax.cli.generate import add_allow_changed_base
 from gpt2jax.cli.plan import ATTENTION_HELP, add_memory_flags
-from gpt2jax.cli.restart import HUGETLB, huge_pages_on
 from gpt2jax.config import ATTENTION_IMPLEMENTATIONS as IMPLEMENTATIONS
 from gpt2jax.dtypes import COMPUTE
 from gpt2jax.errors import ConfigError
@@ -259,12 +258,6 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     from gpt2jax.train.settings import TrainConfig
 
     log_to_stderr()
-    if huge_pages_on():
-        logging.getLogger("gpt2jax").info(
-            "host: malloc asks for transparent huge pages (GLIBC_TUNABLES=%s=1: XLA's CPU "
-            "steps fault their scratch in 2 MiB pages; set the tunable yourself to choose)",
-            HUGETLB,
-        )
     cache_compiled_code()
     if not (args.debug or os.environ.get("GPT2JAX_DEBUG") == "1"):
         quiet_background_errors()

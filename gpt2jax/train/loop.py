@@ -30,6 +30,7 @@ import numpy as np
 from gpt2jax import device, lora
 from gpt2jax.config import GPT2Config, get_preset
 from gpt2jax.errors import ConfigError, DataError, Gpt2JaxError
+from gpt2jax.host_malloc import HUGE_PAGES_NOTE, huge_pages_on
 from gpt2jax.loader import Pretrained, base_record, describe, load, run_base_params
 from gpt2jax.loss_scale import LossScale
 from gpt2jax.model import init_params
@@ -461,11 +462,13 @@ class _Run:
         ms = t.memory_settings
         self.loss_scaling = device.needs_loss_scaling(ms.compute_dtype)
         here = device.describe()
+        huge = here.platform == "cpu" and huge_pages_on()
         log.info(
-            "%s (%d x %s): computing in %s%s with %s parameters; attention %s",
+            "%s (%d x %s): computing in %s%s with %s parameters; attention %s; remat %s%s",
             here.platform, here.count, here.kind, ms.compute_dtype,
             " with dynamic loss scaling" if self.loss_scaling else "", ms.param_dtype,
-            _attention_choice(t, self.recipe.model),
+            _attention_choice(t, self.recipe.model), self.recipe.model.remat,
+            f"; {HUGE_PAGES_NOTE}" if huge else "",
         )  # fmt: skip
         self.eval_model, self.tx = evaluation.model, self.recipe.tx
         # One device in all: nothing to average, and the all-reduce would write the gradients

@@ -1,4 +1,4 @@
-"""``gpt2jax finetune`` restarts itself once with transparent huge pages for glibc's malloc.
+"""Transparent huge pages for glibc's malloc: ``gpt2jax finetune`` restarts itself with them.
 
 On the CPU, XLA maps a fresh scratch buffer for every execution of a training step, and the
 kernel faults it in 4 KiB at a time. ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` (glibc 2.35+)
@@ -7,7 +7,8 @@ faults (``BENCHMARKS.md``). glibc reads tunables only when a process starts, so 
 itself again with the variable added, before it has imported JAX or read anything. Nothing is
 done where it would not help (not glibc, too old, transparent huge pages off or already on for
 every mapping), when Python code calls :func:`gpt2jax.cli.main.main`, or when the user's
-``GLIBC_TUNABLES`` already sets ``glibc.malloc.hugetlb`` (``=0`` opts out).
+``GLIBC_TUNABLES`` already sets ``glibc.malloc.hugetlb`` (``=0`` opts out). The run log's device
+line says when the tunable is on.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import sys
 from collections.abc import Mapping
 
 HUGETLB = "glibc.malloc.hugetlb"
+#: How the run log says the tunable is on (``finetune``'s device line, on a CPU).
+HUGE_PAGES_NOTE = f"host malloc: transparent huge pages ({HUGETLB}=1)"
 THP_MODE = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 

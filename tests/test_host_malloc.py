@@ -1,5 +1,5 @@
 """``gpt2jax finetune`` restarts itself with glibc's transparent-huge-page tunable where that
-changes something (:mod:`gpt2jax.cli.restart`); the whole-run test checks the real command
+changes something (:mod:`gpt2jax.host_malloc`); the whole-run test checks the real command
 (``tests/test_whole_run.py``)."""
 
 from __future__ import annotations
@@ -8,21 +8,21 @@ import sys
 
 import pytest
 
+from gpt2jax import host_malloc
 from gpt2jax.cli import main as cli_main
-from gpt2jax.cli import restart
 
 GLIBC = "glibc 2.36"
 MADVISE = "always [madvise] never\n"
 
 
 def test_the_tunable_is_added_where_glibc_and_the_kernel_take_it():
-    env = restart.tuned_environment({"PATH": "/bin"}, libc=GLIBC, thp_mode=MADVISE)
+    env = host_malloc.tuned_environment({"PATH": "/bin"}, libc=GLIBC, thp_mode=MADVISE)
     assert env == {"PATH": "/bin", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
 
 
 def test_the_users_other_tunables_are_kept():
     environ = {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}
-    env = restart.tuned_environment(environ, libc="glibc 2.35", thp_mode=MADVISE)
+    env = host_malloc.tuned_environment(environ, libc="glibc 2.35", thp_mode=MADVISE)
     assert env["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
     assert environ == {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}  # not changed in place
 
@@ -41,19 +41,19 @@ def test_the_users_other_tunables_are_kept():
     ],
 )
 def test_nothing_changes_where_the_tunable_would_not(environ, libc, thp_mode):
-    assert restart.tuned_environment(environ, libc=libc, thp_mode=thp_mode) is None
+    assert host_malloc.tuned_environment(environ, libc=libc, thp_mode=thp_mode) is None
 
 
 def test_the_restart_runs_the_same_command_line(monkeypatch):
     calls = []
-    monkeypatch.setattr(restart, "host_environment", lambda: {"GLIBC_TUNABLES": "x"})
-    monkeypatch.setattr(restart.os, "execve", lambda *a: calls.append(a))
-    restart.restart_with_huge_pages()
+    monkeypatch.setattr(host_malloc, "host_environment", lambda: {"GLIBC_TUNABLES": "x"})
+    monkeypatch.setattr(host_malloc.os, "execve", lambda *a: calls.append(a))
+    host_malloc.restart_with_huge_pages()
     assert calls == [(sys.executable, sys.orig_argv, {"GLIBC_TUNABLES": "x"})]
 
 
 def test_main_called_from_python_never_restarts(monkeypatch):
-    monkeypatch.setattr(restart, "host_environment", lambda: {"GLIBC_TUNABLES": "x"})
-    monkeypatch.setattr(restart.os, "execve", lambda *a: pytest.fail("restarted"))
+    monkeypatch.setattr(host_malloc, "host_environment", lambda: {"GLIBC_TUNABLES": "x"})
+    monkeypatch.setattr(host_malloc.os, "execve", lambda *a: pytest.fail("restarted"))
     # A finetune that fails at once on its arguments: the restart would come before.
     assert cli_main.main(["finetune", "missing-model", "--data", "missing.txt"]) == 1

@@ -165,6 +165,7 @@ def test_resume_with_more_steps_keeps_the_schedule_horizon(texts, tmp_path, caps
     first = tmp_path / "first"
     finetune(first, cfg, show_progress=False)
     assert read_run(str(first))[1].schedule.schedule_steps == 6  # a new run records its horizon
+    assert read_run(str(first))[1].memory_settings.remat == "dots"  # what "auto" became here
     stretched, old = tmp_path / "stretched", tmp_path / "old"
     shutil.copytree(first, stretched)
     shutil.copytree(first, old)

@@ -49,6 +49,25 @@ def test_default_compute_dtype(platform, capability, dtype) -> None:
     assert device.resolve_compute_dtype("float32", d) == "float32"  # a flag overrides
 
 
+@pytest.mark.parametrize("platform, remat", [("cpu", "dots"), ("gpu", "none"), ("tpu", "none")])
+def test_default_remat(platform, remat) -> None:
+    d = device.Device(platform, "x", 1, None)
+    assert device.default_remat(d) == remat
+    assert device.resolve_remat("auto", d) == remat
+    assert device.resolve_remat("block", d) == "block"  # a flag overrides
+
+
+def test_remat_auto_becomes_dots_in_the_step_finetune_builds_here() -> None:
+    from gpt2jax.config import GPT2Config
+    from gpt2jax.train.memory.build import build
+    from gpt2jax.train.settings import MemorySettings
+
+    assert MemorySettings().remat == "auto" and TrainConfig().memory_settings.remat == "auto"
+    config = GPT2Config(n_vocab=64, n_ctx=16, n_embd=8, n_head=2, n_layer=2)
+    assert build(config, MemorySettings(), lambda s: 1e-3).model.remat == "dots"
+    assert build(config, MemorySettings(remat="none"), lambda s: 1e-3).model.remat == "none"
+
+
 def test_defaults_here_keep_float32_on_the_cpu() -> None:
     assert jax.default_backend() == "cpu"
     assert device.resolve_compute_dtype("auto") == "float32"

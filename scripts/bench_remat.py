@@ -6,7 +6,8 @@ Usage::
     python scripts/bench_remat.py --tiny           # a smoke run of the script itself
 
 Each policy's step is the one ``finetune`` builds (:func:`gpt2jax.train.memory.build.build`,
-AdamW, clipping, the layer-wise update), compiled once; then the timed steps run in turn, one
+AdamW, clipping, the layer-wise update) on ``bench_train.py``'s shapes and random batches,
+compiled once; then the timed steps run in turn, one
 step of each policy per round, so that a machine whose speed drifts between processes (this
 VM's does by 10%) slows every policy alike. Reported: the median step, its ratio to ``none``,
 the process CPU time per step, and how far each policy's parameters are from ``none``'s after
@@ -37,8 +38,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=4, help="timed rounds (after one warm-up step)")
     p.add_argument("--policies", default="none,dots,block", help="comma-separated, none first")
     p.add_argument("--tiny", action="store_true", help="a small model and batch: smoke test")
+    p.add_argument("--layers", type=int, help="override the number of layers (a quicker look)")
     args = p.parse_args(argv)
-    seq = args.seq or (32 if args.tiny else 256)
+    args.seq = args.seq or (32 if args.tiny else 256)  # the tiny model's context is 64
     if argv is None:  # the host settings finetune runs in (gpt2jax.host_malloc)
         from gpt2jax.host_malloc import restart_with_huge_pages
 
@@ -47,25 +49,20 @@ def main(argv: list[str] | None = None) -> None:
     import jax
     import jax.numpy as jnp
     import numpy as np
+    from bench_train import batches as random_batches
+    from bench_train import shape
 
-    from gpt2jax.config import PRESETS, GPT2Config
     from gpt2jax.model import init_params
     from gpt2jax.train.memory.build import build
     from gpt2jax.train.optim import learning_rate_schedule
     from gpt2jax.train.settings import MemorySettings
     from gpt2jax.train.step import AXIS, DataParallel, TrainState, make_train_step
 
-    config = PRESETS["124M"]
-    if args.tiny:
-        config = GPT2Config(n_vocab=50257, n_ctx=64, n_embd=64, n_head=4, n_layer=2)
+    config = shape(args)  # the shapes bench_train times
     policies = args.policies.split(",")
     schedule = learning_rate_schedule(1e-4, 0, 1000, "constant")
     dp = DataParallel()
-    rng = np.random.default_rng(0)
-    batches = [
-        dp.shard(rng.integers(0, config.n_vocab, (args.batch, seq + 1)).astype(np.int32))
-        for _ in range(args.steps + 1)
-    ]
+    batches = [dp.shard(b.astype(np.int32)) for b in random_batches(args, config, args.steps + 1)]
     runs = {}
     for name in policies:
         settings = dataclasses.replace(MemorySettings(), remat=name)
@@ -98,8 +95,11 @@ def main(argv: list[str] | None = None) -> None:
             cpus[name].append(cpu_s() - c)
             runs[name][1] = state
     base = statistics.median(times[policies[0]])
-    shape = "tiny" if args.tiny else "124M"
-    print(f"{shape} float32, batch {args.batch} x {seq}, AdamW, {args.steps} interleaved rounds")
+    title = "tiny" if args.tiny else "124M"
+    title += f" ({config.n_layer} layers)" if args.layers else ""
+    print(
+        f"{title} float32, batch {args.batch} x {args.seq}, AdamW, {args.steps} interleaved rounds"
+    )
     print(f"{'remat':8} {'step s':>8} {'ratio':>7} {'CPU s':>7} {'max |param - none| step 1':>26}")
     for name in policies:
         median = statistics.median(times[name])

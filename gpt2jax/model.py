@@ -10,12 +10,14 @@ mixed precision) are described on :class:`GPT2`.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
 
 from gpt2jax import attention
 from gpt2jax.config import REMAT_POLICIES, GPT2Config
@@ -115,10 +117,63 @@ class Conv1D(nn.Module):
             "w", nn.initializers.normal(self.w_std), (nx, self.features), self.param_dtype
         )
         b = self.param("b", nn.initializers.zeros, (self.features,), self.param_dtype)
-        # float32 accumulation (a no-op in float32): in bfloat16 it is more precise, and it is the
-        # bf16 x bf16 -> f32 form that XLA's CPU backend hands to its fast (YNNPACK) matmuls.
-        y = jnp.dot(x, w.astype(self.dtype), preferred_element_type=jnp.float32)
+        transposed = transposed_weight_gradient(nx, self.features)
+        y = dense(x, w.astype(self.dtype), transposed)  # (B, T, nf) float32
         return (y + b.astype(jnp.float32)).astype(self.dtype)
+
+
+def transposed_weight_gradient(nx: int, nf: int) -> bool:
+    """Whether :func:`dense` forms the weight gradient of an ``(nx, nf)`` layer from a transposed
+    copy of its input here: on a CPU, for layers whose input is no wider than their output.
+
+    XLA's CPU backend runs ``x^T @ dy`` on Eigen's transposed-operand matmul, about 20% slower
+    than its YNNPACK matmul once ``x^T`` exists; copying ``x^T`` costs one strided pass over
+    ``x``. That pays for GPT-2's c_attn, attention c_proj and c_fc, and not for the MLP's
+    c_proj, whose input is 4x wider (BENCHMARKS.md). GPUs and TPUs keep XLA's own form (never
+    compared there).
+    """
+    return jax.default_backend() == "cpu" and nx <= nf
+
+
+def _matmul(x: Array, w: Array) -> Array:  # (..., nx) @ (nx, nf) -> (..., nf) float32
+    # float32 accumulation (a no-op in float32): in bfloat16 it is more precise, and it is the
+    # bf16 x bf16 -> f32 form that XLA's CPU backend hands to its fast (YNNPACK) matmuls.
+    return jnp.dot(x, w, preferred_element_type=jnp.float32)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
+def dense(x: Array, w: Array, transposed_weight_gradient: bool = False) -> Array:
+    """``x @ w`` accumulated in float32: ``(..., nx) @ (nx, nf) -> (..., nf)``.
+
+    With ``transposed_weight_gradient``, the reverse pass forms ``w``'s gradient as
+    ``transpose(x) @ dy`` from a copy of ``x`` transposed in memory, not as XLA's ``dot`` that
+    contracts both operands' leading (token) axis: the same products, summed in another order.
+    XLA's CPU backend runs the latter on Eigen, the former on YNNPACK, about 20% faster
+    (:func:`transposed_weight_gradient`). Forward-mode and higher derivatives work as for a
+    plain ``dot``: this is a custom JVP, whose transpose JAX derives.
+    """
+    return _matmul(x, w)
+
+
+@functools.partial(dense.defjvp, symbolic_zeros=True)
+def _dense_jvp(transposed_weight_gradient, primals, tangents):
+    x, w = primals
+    dx, dw = tangents
+    y = _matmul(x, w)
+    terms = []
+    if not isinstance(dx, SymbolicZero):
+        terms.append(_matmul(dx, w))
+    if not isinstance(dw, SymbolicZero):  # a frozen weight has no gradient to form
+        if transposed_weight_gradient:
+            # x^T as its own array (the barrier keeps XLA from folding the transpose back into
+            # the dot): the transpose of this term, w's gradient, is then x^T @ dy.
+            xt = jax.lax.optimization_barrier(x.reshape(-1, x.shape[-1]).T)  # (nx, N)
+            dims = (((0,), (0,)), ((), ()))
+            term = jax.lax.dot_general(xt, dw, dims, preferred_element_type=jnp.float32)
+            terms.append(term.reshape(y.shape))
+        else:
+            terms.append(_matmul(x, dw))
+    return y, sum(terms[1:], terms[0]) if terms else jnp.zeros_like(y)
 
 
 class Attention(nn.Module):

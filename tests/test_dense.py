@@ -1,0 +1,115 @@
+"""The dense layers' matmul (:func:`gpt2jax.model.dense`) and its derivatives.
+
+Its weight gradient may be formed from a transposed copy of the input (on CPUs, for speed):
+gradients are checked against ``torch.autograd``, forward mode and second order against JAX's
+own derivatives of ``jnp.dot``, and the compiled CPU gradient for the matmul form it promises.
+"""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gpt2jax.model import dense, transposed_weight_gradient
+
+torch = pytest.importorskip("torch")
+
+# Odd sizes, batch and time axes: (B, T, nx) @ (nx, nf).
+X_SHAPE, W_SHAPE = (3, 5, 7), (7, 11)
+
+
+def arrays(seed: int = 0, dtype=np.float32):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(X_SHAPE).astype(dtype)
+    w = rng.standard_normal(W_SHAPE).astype(dtype)
+    c = rng.standard_normal((*X_SHAPE[:-1], W_SHAPE[1])).astype(dtype)  # weights of the loss
+    return x, w, c
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_gradients_match_torch(transposed):
+    x, w, c = arrays()
+    loss = lambda x, w: jnp.sum(dense(x, w, transposed) * c)  # noqa: E731
+    dx, dw = jax.jit(jax.grad(loss, argnums=(0, 1)))(x, w)
+
+    tx, tw = (torch.tensor(a, requires_grad=True) for a in (x, w))
+    (torch.matmul(tx, tw) * torch.from_numpy(c)).sum().backward()
+    np.testing.assert_allclose(dx, tx.grad.numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dw, tw.grad.numpy(), rtol=1e-5, atol=1e-5)
+    assert dx.dtype == dw.dtype == jnp.float32
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_bfloat16_gradients_keep_dtypes_and_match_a_plain_dot(transposed):
+    x, w, c = (jnp.asarray(a, jnp.bfloat16) for a in arrays(1))
+    plain = lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32)  # noqa: E731
+    ours = jax.grad(lambda x, w: jnp.sum(dense(x, w, transposed) * c), argnums=(0, 1))(x, w)
+    ref = jax.grad(lambda x, w: jnp.sum(plain(x, w) * c), argnums=(0, 1))(x, w)
+    for a, b in zip(ours, ref, strict=True):
+        assert a.dtype == b.dtype == jnp.bfloat16
+        np.testing.assert_allclose(np.float32(a), np.float32(b), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_forward_mode_and_second_order_match_a_plain_dot(transposed):
+    x, w, c = arrays(2)
+    dx, dw, _ = arrays(3)
+    plain = lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32)  # noqa: E731
+    ours = jax.jvp(lambda x, w: dense(x, w, transposed), (x, w), (dx, dw))
+    ref = jax.jvp(plain, (x, w), (dx, dw))
+    for a, b in zip(ours, ref, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+    # A Hessian-vector product of a loss that is not linear in the weights.
+    def hvp(f):
+        g = jax.grad(lambda w: jnp.sum(jnp.tanh(f(x, w)) * c))
+        return jax.jvp(g, (w,), (dw,))[1]
+
+    np.testing.assert_allclose(
+        hvp(lambda x, w: dense(x, w, transposed)), hvp(plain), rtol=1e-5, atol=1e-5
+    )
+
+
+def _dot_count(f, *args) -> int:
+    """dot_general ops JAX emits for ``f`` (before XLA optimises anything away)."""
+    return jax.jit(f).lower(*args).as_text().count("stablehlo.dot_general")
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_a_frozen_weight_gets_no_gradient_matmul(transposed):
+    x, w, c = arrays(4)
+    loss = lambda x, w: jnp.sum(jnp.tanh(dense(x, w, transposed)) * c)  # noqa: E731
+    assert _dot_count(jax.grad(loss, argnums=0), x, w) == 2  # forward, input gradient
+    assert _dot_count(jax.grad(loss, argnums=(0, 1)), x, w) == 3  # and the weight gradient
+
+
+def _transposed_lhs_dots(hlo: str) -> list[str]:
+    """Compiled 2-D dots that contract their left operand's first axis (``x^T @ dy`` as XLA
+    writes a weight gradient)."""
+    dots = [line for line in hlo.splitlines() if re.search(r"\bdot\(", line)]
+    return [d for d in dots if "lhs_contracting_dims={0}" in d and "lhs_batch_dims" not in d]
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the CPU backend's matmul forms")
+def test_cpu_weight_gradient_is_an_untransposed_matmul():
+    # GPT-2's layers at 124M: c_attn, attention c_proj and c_fc; not the MLP's c_proj.
+    chosen = [
+        transposed_weight_gradient(nx, nf)
+        for nx, nf in [(768, 2304), (768, 768), (768, 3072), (3072, 768)]
+    ]
+    assert chosen == [True, True, True, False]
+    x, w, _ = (jnp.asarray(a) for a in arrays(5))
+    x, w = jnp.tile(x, (2, 8, 13)), jnp.tile(w, (13, 3))  # (6, 40, 91) @ (91, 33)
+
+    def compiled(transposed: bool) -> str:
+        loss = lambda x, w: jnp.sum(jnp.tanh(dense(x, w, transposed)))  # noqa: E731
+        return jax.jit(jax.grad(loss, argnums=1)).lower(x, w).compile().as_text()
+
+    # XLA's own form contracts the token axis of both operands (Eigen's slower matmul here)...
+    assert _transposed_lhs_dots(compiled(False))
+    # ...the transposed copy leaves a plain (M, K) @ (K, N) matmul.
+    assert not _transposed_lhs_dots(compiled(True))

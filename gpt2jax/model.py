@@ -173,7 +173,8 @@ def _dense_jvp(transposed_weight_gradient, primals, tangents):
             terms.append(term.reshape(y.shape))
         else:
             terms.append(_matmul(x, dw))
-    return y, sum(terms[1:], terms[0]) if terms else jnp.zeros_like(y)
+    # JAX calls this rule only when some tangent is nonzero: terms is never empty.
+    return y, sum(terms[1:], terms[0])
 
 
 class Attention(nn.Module):

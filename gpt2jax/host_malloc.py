@@ -1,4 +1,4 @@
-"""Transparent huge pages for glibc's malloc: ``gpt2jax finetune`` restarts itself with them.
+"""glibc's malloc under XLA's CPU runtime: transparent huge pages, and giving freed memory back.
 
 On the CPU, XLA maps a fresh scratch buffer for every execution of a training step, and the
 kernel faults it in 4 KiB at a time. ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` (glibc 2.35+)
@@ -8,11 +8,13 @@ itself again with the variable added, before it has imported JAX or read anythin
 done where it would not help (not glibc, too old, transparent huge pages off or already on for
 every mapping), when Python code calls :func:`gpt2jax.cli.main.main`, or when the user's
 ``GLIBC_TUNABLES`` already sets ``glibc.malloc.hugetlb`` (``=0`` opts out). The run log's device
-line says when the tunable is on.
+line says when the tunable is on. The other setting, :func:`return_freed_memory`, is for runs
+held to a memory budget: it trades page faults for a lower peak.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import sys
 from collections.abc import Mapping
@@ -76,3 +78,19 @@ def restart_with_huge_pages() -> None:
 def huge_pages_on() -> bool:
     """Whether this process runs with the tunable on (after a restart, or set by the user)."""
     return f"{HUGETLB}=1" in os.environ.get("GLIBC_TUNABLES", "")
+
+
+def return_freed_memory() -> None:
+    """Under glibc, makes every allocation of 1 MiB or more its own mapping, returned to the
+    system when freed (by default glibc raises that threshold as big buffers are freed and
+    keeps what is freed below it resident). ``finetune --memory`` runs with it
+    (``gpt2jax.train.loop.fit_host_malloc``); the cost is a page fault per page of every new
+    buffer, each step (both measured in BENCHMARKS.md)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (e.g. musl): nothing to tune
+        return
+    libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD: fixed, so it no longer grows
+    libc.mallopt(-1, 1 << 20)  # M_TRIM_THRESHOLD: give back free heap tops above 1 MiB

@@ -36,9 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dir", default=None, help="where to write (default: a temp dir, removed)")
     args = p.parse_args(argv)
 
-    from gpt2jax.train.loop import return_freed_memory
+    from gpt2jax.host_malloc import return_freed_memory
 
-    return_freed_memory()  # as gpt2jax finetune does
+    return_freed_memory()  # as gpt2jax finetune --memory does
     import jax
 
     from gpt2jax.config import GPT2Config

@@ -9,14 +9,12 @@ are pure functions of ``(seed, step)``, so a resumed run continues exactly (see 
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import glob
 import logging
 import math
 import os
 import signal
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -30,7 +28,7 @@ import numpy as np
 from gpt2jax import device, lora
 from gpt2jax.config import GPT2Config, get_preset
 from gpt2jax.errors import ConfigError, DataError, Gpt2JaxError
-from gpt2jax.host_malloc import HUGE_PAGES_NOTE, huge_pages_on
+from gpt2jax.host_malloc import HUGE_PAGES_NOTE, huge_pages_on, return_freed_memory
 from gpt2jax.loader import Pretrained, base_record, describe, load, run_base_params
 from gpt2jax.loss_scale import LossScale
 from gpt2jax.model import init_params
@@ -170,9 +168,9 @@ def _prepare(
 ) -> _Run:
     """The run, ready to loop: settings checked, data loaded, steps compiled, state on the
     devices (the starting weights' host copy is gone when this returns)."""
-    return_freed_memory()
     if resume:
         config, train = _resumed_settings(out, overrides or {})
+        fit_host_malloc(train)
         check_reporters(train.logging.report_to)
         tokenizer = Tokenizer.from_dir(out)
         params = None  # from the checkpoint, or the starting model if there is none yet
@@ -181,6 +179,7 @@ def _prepare(
             raise ConfigError("finetune needs a TrainConfig for a new run")
         train = _absolute_paths(train)
         train.validate()
+        fit_host_malloc(train)  # before the starting weights are read
         check_reporters(train.logging.report_to)
         # Process 0 alone writes the run's own files (run.json, metrics, samples, plot).
         cluster.primary_first("check-new-run", lambda: runs.check_new_run(out, _inputs(train)))
@@ -817,17 +816,11 @@ def _due(step: int, every: int) -> bool:
     return every > 0 and step % every == 0
 
 
-def return_freed_memory() -> None:
-    """On the CPU under glibc, makes every allocation of 1 MiB or more its own mapping, returned
-    to the system when freed (by default glibc raises that threshold as big buffers are freed
-    and keeps what is freed below it resident). What it saves is measured in BENCHMARKS.md
-    (whole-run memory), whose whole-run figures were taken with it. The cost is a page fault
-    per page of each new buffer."""
-    if jax.default_backend() != "cpu" or not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc (e.g. musl): nothing to tune
-        return
-    libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD: fixed, so it no longer grows
-    libc.mallopt(-1, 1 << 20)  # M_TRIM_THRESHOLD: give back free heap tops above 1 MiB
+def fit_host_malloc(train: TrainConfig) -> None:
+    """A run planned to a memory budget (``--memory``) gives freed buffers back to the system
+    (:func:`gpt2jax.host_malloc.return_freed_memory`; the whole-run figures of BENCHMARKS.md
+    and the planner's margins were measured so). Any other run keeps glibc's adaptive
+    defaults, which keep freed step buffers for reuse instead of faulting new ones in each
+    step (the difference is measured in BENCHMARKS.md)."""
+    if train.plan.memory is not None and jax.default_backend() == "cpu":
+        return_freed_memory()

@@ -164,17 +164,21 @@ def _dense_jvp(transposed_weight_gradient, primals, tangents):
     if not isinstance(dx, SymbolicZero):
         terms.append(_matmul(dx, w))
     if not isinstance(dw, SymbolicZero):  # a frozen weight has no gradient to form
-        if transposed_weight_gradient:
-            # x^T as its own array (the barrier keeps XLA from folding the transpose back into
-            # the dot): the transpose of this term, w's gradient, is then x^T @ dy.
-            xt = jax.lax.optimization_barrier(x.reshape(-1, x.shape[-1]).T)  # (nx, N)
-            dims = (((0,), (0,)), ((), ()))
-            term = jax.lax.dot_general(xt, dw, dims, preferred_element_type=jnp.float32)
-            terms.append(term.reshape(y.shape))
-        else:
-            terms.append(_matmul(x, dw))
+        terms.append(_weight_term(x, dw, transposed_weight_gradient))
     # JAX calls this rule only when some tangent is nonzero: terms is never empty.
     return y, sum(terms[1:], terms[0])
+
+
+def _weight_term(x: Array, dw: Array, transposed: bool) -> Array:
+    """The weight's term ``x @ dw`` of a dense layer's JVP ``(..., nx) @ (nx, nf)``; with
+    ``transposed``, written so that its transpose, the weight's gradient, is ``x^T @ dy``."""
+    if not transposed:
+        return _matmul(x, dw)
+    # x^T as its own array (the barrier keeps XLA from folding the transpose back into the dot)
+    xt = jax.lax.optimization_barrier(x.reshape(-1, x.shape[-1]).T)  # (nx, N)
+    dims = (((0,), (0,)), ((), ()))
+    term = jax.lax.dot_general(xt, dw, dims, preferred_element_type=jnp.float32)  # (N, nf)
+    return term.reshape(*x.shape[:-1], dw.shape[-1])
 
 
 class Attention(nn.Module):
@@ -503,7 +507,35 @@ def causal_mask(batch: int, length: int, slots: int, cache_index: Array | int = 
 
 def lm_head(wte: Array, h: Array) -> Array:
     """Float32 logits ``(..., V)`` of hidden states ``(..., C)``; the head is tied to ``wte``."""
-    return jnp.einsum("...c,vc->...v", h, wte.astype(h.dtype), preferred_element_type=jnp.float32)
+    n_vocab, n_embd = wte.shape
+    return _tied_head(h, wte.astype(h.dtype), transposed_weight_gradient(n_embd, n_vocab))
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
+def _tied_head(h: Array, wte: Array, transposed_weight_gradient: bool) -> Array:
+    """``h @ wte^T`` accumulated in float32, ``(..., C) x (V, C) -> (..., V)``: :func:`dense`
+    of the weight ``wte^T`` but with ``wte`` read in place (a ``wte^T`` operand made XLA copy
+    the whole table for one-row products). On a CPU its gradient is formed as
+    ``(transpose(h) @ dlogits)^T``, where XLA's own form first copies the ``(N, V)`` gradient of
+    the logits transposed (BENCHMARKS.md)."""
+    return _head_matmul(h, wte)
+
+
+def _head_matmul(h: Array, wte: Array) -> Array:  # (..., C) x (V, C) -> (..., V) float32
+    return jnp.einsum("...c,vc->...v", h, wte, preferred_element_type=jnp.float32)
+
+
+@functools.partial(_tied_head.defjvp, symbolic_zeros=True)
+def _tied_head_jvp(transposed_weight_gradient, primals, tangents):
+    h, wte = primals
+    dh, dwte = tangents
+    y = _head_matmul(h, wte)
+    terms = []
+    if not isinstance(dh, SymbolicZero):
+        terms.append(_head_matmul(dh, wte))
+    if not isinstance(dwte, SymbolicZero):
+        terms.append(_weight_term(h, dwte.T, transposed_weight_gradient))
+    return y, sum(terms[1:], terms[0])
 
 
 def init_params(config: GPT2Config, seed: int = 0, param_dtype: Any = jnp.float32) -> dict:

@@ -1,6 +1,7 @@
-"""The dense layers' matmul (:func:`gpt2jax.model.dense`) and its derivatives.
+"""The dense layers' matmul (:func:`gpt2jax.model.dense`), the tied LM head
+(:func:`gpt2jax.model.lm_head`) and their derivatives.
 
-Its weight gradient may be formed from a transposed copy of the input (on CPUs, for speed):
+Their weight gradients may be formed from a transposed copy of the input (on CPUs, for speed):
 gradients are checked against ``torch.autograd``, forward mode and second order against JAX's
 own derivatives of ``jnp.dot``, and the compiled CPU gradient for the matmul form it promises.
 """
@@ -14,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gpt2jax.model import dense, transposed_weight_gradient
+from gpt2jax.model import _tied_head, dense, lm_head, transposed_weight_gradient
 
 torch = pytest.importorskip("torch")
 
@@ -113,3 +114,77 @@ def test_cpu_weight_gradient_is_an_untransposed_matmul():
     assert _transposed_lhs_dots(compiled(False))
     # ...the transposed copy leaves a plain (M, K) @ (K, N) matmul.
     assert not _transposed_lhs_dots(compiled(True))
+
+
+# The tied head: (B, T, C) x (V, C) -> (B, T, V), V > C as in GPT-2.
+H_SHAPE, WTE_SHAPE = (3, 5, 7), (13, 7)
+
+
+def head_arrays(seed: int = 0):
+    rng = np.random.default_rng(seed)
+    h, wte = rng.standard_normal(H_SHAPE), rng.standard_normal(WTE_SHAPE)
+    c = rng.standard_normal((*H_SHAPE[:-1], WTE_SHAPE[0]))  # weights of the loss
+    return tuple(a.astype(np.float32) for a in (h, wte, c))
+
+
+def plain_head(h, wte):
+    return jnp.einsum("btc,vc->btv", h, wte, preferred_element_type=jnp.float32)
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_lm_head_gradients_match_torch(transposed):
+    h, wte, c = head_arrays()
+    loss = lambda h, wte: jnp.sum(_tied_head(h, wte, transposed) * c)  # noqa: E731
+    dh, dwte = jax.jit(jax.grad(loss, argnums=(0, 1)))(h, wte)
+
+    th, tw = (torch.tensor(a, requires_grad=True) for a in (h, wte))
+    (torch.nn.functional.linear(th, tw) * torch.from_numpy(c)).sum().backward()
+    np.testing.assert_allclose(dh, th.grad.numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dwte, tw.grad.numpy(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_lm_head_forward_mode_and_second_order_match_a_plain_einsum(transposed):
+    h, wte, c = head_arrays(1)
+    dh, dwte, _ = head_arrays(2)
+    ours = jax.jvp(lambda h, w: _tied_head(h, w, transposed), (h, wte), (dh, dwte))
+    for a, b in zip(ours, jax.jvp(plain_head, (h, wte), (dh, dwte)), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+    def hvp(f):
+        g = jax.grad(lambda w: jnp.sum(jax.nn.log_softmax(f(h, w)) * c))
+        return jax.jvp(g, (wte,), (dwte,))[1]
+
+    np.testing.assert_allclose(
+        hvp(lambda h, w: _tied_head(h, w, transposed)), hvp(plain_head), rtol=1e-5, atol=1e-5
+    )
+
+
+def test_lm_head_in_bfloat16_keeps_dtypes_and_a_frozen_table_gets_no_gradient_matmul():
+    h, wte, c = (jnp.asarray(a, jnp.bfloat16) for a in head_arrays(3))
+    logits = lm_head(wte, h)
+    assert logits.dtype == jnp.float32
+    np.testing.assert_array_equal(logits, plain_head(h, wte))  # the same forward product
+    loss = lambda h, w: jnp.sum(jnp.tanh(lm_head(w, h)) * c)  # noqa: E731
+    grads = jax.grad(loss, argnums=(0, 1))(h, wte)
+    assert [g.dtype for g in grads] == [jnp.bfloat16, jnp.bfloat16]
+    assert _dot_count(jax.grad(loss, argnums=0), h, wte) == 2
+    assert _dot_count(jax.grad(loss, argnums=(0, 1)), h, wte) == 3
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the CPU backend's matmul forms")
+def test_cpu_lm_head_gradient_reads_a_transposed_copy_of_the_hidden_states():
+    assert transposed_weight_gradient(768, 50257)  # GPT-2's head, (C, V)
+    h, wte, _ = (jnp.asarray(a) for a in head_arrays(4))
+    h, wte = jnp.tile(h, (2, 8, 13)), jnp.tile(wte, (23, 13))  # (6, 40, 91) x (299, 91)
+
+    def weight_dot(transposed: bool) -> str:
+        loss = lambda h, w: jnp.sum(jnp.tanh(_tied_head(h, w, transposed)))  # noqa: E731
+        hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(h, wte).compile().as_text()
+        (dot,) = [d for d in hlo.splitlines() if re.search(r"f32\[299,91\]\S* dot\(", d)]
+        return dot
+
+    # XLA's own form contracts the token axis of the hidden states as they are (after copying
+    # the logits' gradient transposed); ours reads h^T, (C, N), contracting its second axis.
+    assert "rhs_contracting_dims={0}" in weight_dot(False)
+    assert "rhs_contracting_dims={1}" in weight_dot(True)

@@ -219,8 +219,15 @@ def _convert_process(src: str, dst: Path, work: Path, limit: int | None = None):
     args = ["convert", src, str(dst)]
     command = with_file_size_limit(limit, args) if limit else [sys.executable, "-m", "gpt2jax",
                                                                *args]  # fmt: skip
+    # SIGINT's default action in the child: a test run started as a background job (`&` in a
+    # shell without job control) inherits it ignored, and so would the convert.
     return subprocess.Popen(command, env=kt.environment(work), text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=_default_sigint)  # fmt: skip
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _assert_one_line_and_nothing_left(done_err: str, parent: Path, message: str) -> None:

@@ -23,12 +23,15 @@ torch = pytest.importorskip("torch")
 X_SHAPE, W_SHAPE = (3, 5, 7), (7, 11)
 
 
-def arrays(seed: int = 0, dtype=np.float32):
+def normal(seed: int, *shapes: tuple[int, ...]) -> list[np.ndarray]:
+    """Float32 standard-normal arrays of ``shapes``, drawn in order from ``seed``."""
     rng = np.random.default_rng(seed)
-    x = rng.standard_normal(X_SHAPE).astype(dtype)
-    w = rng.standard_normal(W_SHAPE).astype(dtype)
-    c = rng.standard_normal((*X_SHAPE[:-1], W_SHAPE[1])).astype(dtype)  # weights of the loss
-    return x, w, c
+    return [rng.standard_normal(shape).astype(np.float32) for shape in shapes]
+
+
+def arrays(seed: int = 0):
+    """``x``, ``w`` and the weights ``c`` of a loss on ``x @ w``."""
+    return normal(seed, X_SHAPE, W_SHAPE, (*X_SHAPE[:-1], W_SHAPE[1]))
 
 
 @pytest.mark.parametrize("transposed", [False, True])
@@ -121,10 +124,8 @@ H_SHAPE, WTE_SHAPE = (3, 5, 7), (13, 7)
 
 
 def head_arrays(seed: int = 0):
-    rng = np.random.default_rng(seed)
-    h, wte = rng.standard_normal(H_SHAPE), rng.standard_normal(WTE_SHAPE)
-    c = rng.standard_normal((*H_SHAPE[:-1], WTE_SHAPE[0]))  # weights of the loss
-    return tuple(a.astype(np.float32) for a in (h, wte, c))
+    """``h``, ``wte`` and the weights ``c`` of a loss on the logits."""
+    return normal(seed, H_SHAPE, WTE_SHAPE, (*H_SHAPE[:-1], WTE_SHAPE[0]))
 
 
 def plain_head(h, wte):

@@ -128,8 +128,9 @@ def transposed_weight_gradient(nx: int, nf: int) -> bool:
 
     XLA's CPU backend runs ``x^T @ dy`` on Eigen's transposed-operand matmul, about 20% slower
     than its YNNPACK matmul once ``x^T`` exists; copying ``x^T`` costs one strided pass over
-    ``x``. That pays for GPT-2's c_attn, attention c_proj and c_fc, and not for the MLP's
-    c_proj, whose input is 4x wider (BENCHMARKS.md). GPUs and TPUs keep XLA's own form (never
+    ``x``. That pays for GPT-2's c_attn, attention c_proj, c_fc and the tied LM head
+    (:func:`lm_head`, ``(C, V)``), and not for the MLP's c_proj, whose input is 4x wider
+    (BENCHMARKS.md). GPUs and TPUs keep XLA's own form (never
     compared there).
     """
     return jax.default_backend() == "cpu" and nx <= nf
